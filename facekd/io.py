@@ -1,0 +1,168 @@
+"""Shared I/O: the project's error type, atomic writes, hashing and fingerprints, JSON manifests, CLI wrapper.
+
+Every stage writes its artifacts through these helpers so an interrupted job never leaves a half-written file,
+and every artifact carries a manifest that says what made it (see `write_manifest`).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from facekd import __version__
+
+
+class FacekdError(Exception):
+    """A user-facing problem (bad input, missing file, mismatched checkpoint...).
+
+    The message is one line and says what is wrong and, where possible, what to do; command-line entry points
+    print it as `error: <message>` and exit with status 2 instead of showing a traceback.
+    """
+
+
+def cli_main(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a `main(argv=None)` so a `FacekdError` (or Ctrl-C) ends the program with one clear line."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except FacekdError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed over `path` in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FacekdError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FacekdError(f"{what} {path} is not valid JSON: {err}") from None
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of JSON-able settings: equal settings give equal fingerprints."""
+    text = json.dumps(obj, sort_keys=True, default=_json_default, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def git_commit() -> str:
+    """The current git commit of the source tree (with `+dirty` when modified), or '' outside a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return f"{sha}+dirty" if sha and dirty else sha
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+    """What made an artifact: command line, facekd version, git commit, UTC time, plus `extra`."""
+    return {
+        "command": " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]),
+        "facekd_version": __version__,
+        "git_commit": git_commit(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
+
+
+def write_manifest(directory: str | os.PathLike, kind: str, settings: dict[str, Any], inputs: dict[str, str] | None = None,
+                   **extra: Any) -> dict[str, Any]:
+    """Write `directory/manifest.json` for an artifact: its kind, settings, input fingerprints and provenance.
+
+    `fingerprint` covers kind, settings and inputs, so a stage can skip work whose artifact already matches.
+    """
+    manifest = {
+        "kind": kind,
+        "settings": settings,
+        "inputs": inputs or {},
+        "fingerprint": fingerprint({"kind": kind, "settings": settings, "inputs": inputs or {}}),
+        "provenance": provenance(),
+        **extra,
+    }
+    atomic_write_json(Path(directory) / "manifest.json", manifest)
+    return manifest
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(directory) / "manifest.json"
+    return read_json(path, "artifact manifest") if path.is_file() else None
+
+
+def check_choice(value: str, choices: list[str] | tuple[str, ...], flag: str) -> str:
+    """Return `value` if allowed, else a one-line error naming the flag and the allowed values."""
+    if value not in choices:
+        raise FacekdError(f"{flag}: unknown value {value!r}; choose one of: {', '.join(choices)}")
+    return value

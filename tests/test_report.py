@@ -1,0 +1,49 @@
+"""results.report: markdown grouped per evaluation set, PNG plots, stored ROC curves, clear errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from facekd import table
+from facekd.io import FacekdError
+from results import report
+
+
+def test_report_renders_table_and_plots(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.csv"
+    table.ensure_literature(summary)
+    run = tmp_path / "runs" / "demo" / "student"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"synthfaces": {"accuracy": 0.8, "roc": {
+        "fpr": [0.0, 0.001, 0.1, 1.0], "tpr": [0.0, 0.3, 0.8, 1.0]}}}))
+    rows = [table.model_row("student", "mobilefacenet", "demo", dataset="synthfaces", kd="feature",
+                            metrics={"accuracy": 0.8, "std": 0.01}, file_bytes=4_100_000,
+                            artifact=str(run / "model.onnx"), host_latency_ms=11.5, host_cpu="cpu x2",
+                            arm_instr_a53=128_000_000),
+            table.model_row("int8", "mobilefacenet", "demo", dataset="synthfaces",
+                            metrics={"accuracy": 0.79, "std": 0.01}, file_bytes=1_200_000, host_latency_ms=8.0)]
+    table.upsert_rows(rows, summary)
+    result = report.main(["--summary", str(summary), "--out", str(tmp_path / "out")])
+    assert result == 0
+    md = (tmp_path / "out" / "summary.md").read_text()
+    synth, lfw = md.index("## synthfaces"), md.index("## lfw")
+    # the SynthFaces section holds only SynthFaces rows: literature LFW numbers never appear in it
+    section = md[synth:lfw] if synth < lfw else md[synth:]
+    assert "80.00 ± 1.00" in section and "97.32" not in section
+    assert "kd=" not in section and "| feature |" in section
+    plots = {p.name for p in (tmp_path / "out" / "plots").iterdir()}
+    assert {"accuracy_vs_size.png", "latency.png", "arm_instructions.png", "roc_synthfaces.png"} <= plots
+    for name in plots:
+        assert (tmp_path / "out" / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_front_keeps_only_undominated_points() -> None:
+    points = [(4.0, 90.0), (1.0, 85.0), (2.0, 80.0), (8.0, 95.0), (8.0, 94.0)]
+    assert report._pareto(points) == [(1.0, 85.0), (4.0, 90.0), (8.0, 95.0)]
+
+
+def test_missing_table_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FacekdError, match="results table not found"):
+        report.build_report(tmp_path / "nope.csv", tmp_path)
