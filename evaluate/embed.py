@@ -1,0 +1,196 @@
+"""Embedders: uint8 RGB face crops in, raw embeddings out, for a torch module or an ONNX file alike.
+
+An embedder is any callable `uint8 NHWC RGB batch (np.ndarray) -> float32 (B, D)` with `.embedding_dim`,
+`.preprocessing` (plain data, docs/design.md) and `.name`. `embed_images` adds insightface's test-time recipe:
+the embeddings of the image and of its horizontal flip are summed, then L2-normalised.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from facedata.transforms import INSIGHTFACE_PREPROCESSING, check_preprocessing, normalize
+from facekd.io import FacekdError
+
+ONNX_METADATA_KEY = "facekd"  # same key as facekd.models.export_onnx writes (JSON with preprocessing, embedding_dim...)
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    name: str
+    embedding_dim: int
+    preprocessing: dict[str, Any]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray: ...
+
+
+def _check_images(images: Any) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise FacekdError(f"images must be uint8 NHWC RGB (N, H, W, 3), got {images.dtype} {images.shape}")
+    return images
+
+
+def _nchw_tensor(images: np.ndarray) -> torch.Tensor:
+    if not images.flags.writeable or not images.flags.c_contiguous:  # e.g. a read-only memmap of a cached set
+        images = np.array(images, order="C", copy=True)
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
+
+
+class TorchEmbedder:
+    """A torch module as an embedder: normalise on `device`, forward in eval / inference mode, float32 out."""
+
+    def __init__(self, model: torch.nn.Module, preprocessing: dict[str, Any] | None = None,
+                 device: str = "cpu") -> None:
+        if preprocessing is None:
+            preprocessing = getattr(model, "preprocessing", None) or INSIGHTFACE_PREPROCESSING
+        self.preprocessing = check_preprocessing(preprocessing)
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        param = next(iter(model.parameters()), None)
+        self._dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        self.name = str(getattr(model, "arch", None) or type(model).__name__)
+        dim = getattr(model, "embedding_dim", None)
+        self.embedding_dim = int(dim) if dim is not None else self(
+            np.zeros((1, *self.preprocessing["input_size"], 3), np.uint8)).shape[1]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = _check_images(images)
+        with torch.inference_mode():
+            x = normalize(_nchw_tensor(images).to(self.device), self.preprocessing).to(self._dtype)
+            out = self.model(x)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            return out.reshape(len(images), -1).float().cpu().numpy()
+
+
+def _onnx_metadata(session, path: Path) -> dict[str, Any]:
+    """The facekd JSON of the model's metadata_props (what facekd.models.export_onnx writes), or {}."""
+    text = session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
+    if text is None:
+        return {}
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FacekdError(f"{path}: metadata_props '{ONNX_METADATA_KEY}' is not valid JSON: {err}") from None
+    return meta if isinstance(meta, dict) else {}
+
+
+_warned_default: set[str] = set()
+
+
+class OnnxEmbedder:
+    """An ONNX file as an embedder (onnxruntime, CPU, NCHW float input).
+
+    Preprocessing: `preprocessing` when given (a partial dict overrides single fields, e.g. {"channel_order": "BGR"}),
+    laid over the facekd metadata of the file (`metadata_props["facekd"]`), else over the insightface default (with a
+    one-time warning when the file does not say and the caller gave no complete dict). A model with a fixed batch
+    size runs in chunks of that size (one at a time for batch 1, the last chunk zero-padded).
+    """
+
+    def __init__(self, path: str | Path, preprocessing: dict[str, Any] | None = None,
+                 threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FacekdError(f"ONNX model not found: {self.path}")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for corrupt or unsupported files
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise FacekdError(f"cannot read ONNX model {self.path}: {reason}") from None
+        self.metadata = _onnx_metadata(self.session, self.path)
+        base = self.metadata.get("preprocessing")
+        complete = preprocessing is not None and {"input_size", "channel_order", "mean", "std"} <= set(preprocessing)
+        if base is None and not complete and str(self.path) not in _warned_default:
+            _warned_default.add(str(self.path))
+            warnings.warn(f"{self.path.name} does not state its preprocessing; assuming insightface's "
+                          "(RGB, (x - 127.5) / 127.5, 112x112)", stacklevel=2)
+        inp = self.session.get_inputs()[0]
+        self._input_name = inp.name
+        self._input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        if len(inp.shape) != 4:
+            raise FacekdError(f"{self.path.name}: expected one NCHW image input, got {inp.name} {inp.shape}")
+        batch, channels, height, width = inp.shape
+        if isinstance(channels, int) and channels != 3:
+            raise FacekdError(f"{self.path.name}: input {inp.name} has {channels} channels; facekd feeds NCHW RGB/BGR "
+                              "with 3 channels (NHWC models are not supported)")
+        fixed_size = [height, width] if isinstance(height, int) and isinstance(width, int) else None
+        pre = dict(base or INSIGHTFACE_PREPROCESSING)
+        if base is None and fixed_size:
+            pre["input_size"] = fixed_size
+        pre.update(preprocessing or {})
+        self.preprocessing = check_preprocessing(pre)
+        if fixed_size and fixed_size != self.preprocessing["input_size"]:
+            raise FacekdError(f"{self.path.name}: model input is {fixed_size[0]}x{fixed_size[1]} but preprocessing "
+                              f"says input_size {self.preprocessing['input_size']}")
+        self._fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
+        self.name = str(self.metadata.get("arch") or self.path.stem)
+        out = self.session.get_outputs()[0]
+        dim = self.metadata.get("embedding_dim")
+        if dim is None and len(out.shape) >= 2 and all(isinstance(d, int) for d in out.shape[1:]):
+            dim = int(np.prod(out.shape[1:]))
+        self.embedding_dim = int(dim) if dim is not None else self(
+            np.zeros((1, *self.preprocessing["input_size"], 3), np.uint8)).shape[1]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = _check_images(images)
+        x = normalize(_nchw_tensor(images), self.preprocessing).numpy().astype(self._input_dtype, copy=False)
+        step = self._fixed_batch or len(x)
+        outs = []
+        for start in range(0, len(x), max(step, 1)):
+            chunk = x[start:start + step]
+            if self._fixed_batch and len(chunk) < step:
+                chunk = np.concatenate([chunk, np.zeros((step - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            out = np.asarray(self.session.run(None, {self._input_name: chunk})[0])
+            outs.append(out[: min(step, len(x) - start)].reshape(min(step, len(x) - start), -1))
+        return np.concatenate(outs).astype(np.float32, copy=False) if outs else np.zeros((0, 0), np.float32)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation; all-zero rows stay zero (like sklearn.preprocessing.normalize)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms == 0, 1.0, norms)
+
+
+def embed_images(embedder, images: np.ndarray, batch_size: int = 256, flip: bool = True,
+                 progress: bool = True) -> np.ndarray:
+    """(N, D) float64 L2-normalised embeddings of uint8 NHWC RGB `images`.
+
+    With `flip` the raw embeddings of each image and of its horizontal mirror are summed before normalising
+    (insightface's "Accuracy-Flip"); without it, the image alone.
+    """
+    from tqdm.auto import tqdm
+
+    images = _check_images(images)
+    if batch_size < 1:
+        raise FacekdError(f"batch size must be >= 1, got {batch_size}")
+    out: np.ndarray | None = None
+    name = getattr(embedder, "name", "model")
+    with tqdm(total=len(images), desc=f"embed {name}", unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            emb = np.asarray(embedder(batch), dtype=np.float64)
+            if flip:
+                emb = emb + np.asarray(embedder(np.ascontiguousarray(batch[:, :, ::-1])), dtype=np.float64)
+            if emb.ndim != 2 or len(emb) != len(batch):
+                raise FacekdError(f"{name} returned embeddings of shape {emb.shape} for {len(batch)} images")
+            if not np.isfinite(emb).all():
+                raise FacekdError(f"{name} produced NaN/inf embeddings (images {start}..{start + len(batch) - 1})")
+            if out is None:
+                out = np.empty((len(images), emb.shape[1]), np.float64)
+            out[start:start + len(batch)] = emb
+            bar.update(len(batch))
+    if out is None:
+        raise FacekdError("no images to embed")
+    return l2_normalize(out)

@@ -1,0 +1,171 @@
+"""Face-verification accuracy of a model on pair sets: `python -m evaluate.verify MODEL SET [SET ...]`.
+
+MODEL is an ONNX file (run with onnxruntime; preprocessing from its facekd metadata or the flags) or anything
+`facekd.models.load_embedder` resolves (facekd `.safetensors` checkpoint, insightface `backbone.pth` with `--arch`).
+SET is whatever `facedata.open_verification_set` opens: an insightface `.bin`, an LFW folder with pairs.txt, or
+`synthfaces` / `synthfaces:tiny` / `synthfaces:small`. The protocol is insightface's (evaluate.metrics).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from evaluate.metrics import plot_roc, verification_metrics
+from facekd.io import FacekdError, cli_main
+
+SUMMARY_KEYS = ("accuracy", "std", "tar_at_far", "auc", "eer", "pairs")
+
+
+def evaluate_sets(embedder, sets: Iterable[Any], flip: bool = True, batch_size: int = 256,
+                  roc_dir: str | Path | None = None, nfolds: int | None = None, progress: bool = True
+                  ) -> dict[str, dict]:
+    """Verification metrics of `embedder` on each set (objects with `name`, `images` (2P,H,W,3) uint8, `issame`).
+
+    Folds: `nfolds` when given, else the set's own `nfolds` (LFW's pairs.txt header, SynthFaces' identity-disjoint
+    folds), else 10. Returns `{set name: verification_metrics(...) plus "nfolds"}` (a repeated name gets a `#2`
+    suffix); with `roc_dir`, also writes `roc_dir/roc_<name>.png` per set.
+    """
+    from evaluate.embed import embed_images
+
+    results: dict[str, dict] = {}
+    for vset in sets:
+        name = str(vset.name)
+        unique, n = name, 2
+        while unique in results:
+            unique, n = f"{name}#{n}", n + 1
+        if len(vset.images) != 2 * len(vset.issame):
+            raise FacekdError(f"set {name}: {len(vset.images)} images for {len(vset.issame)} pairs")
+        embeddings = embed_images(embedder, vset.images, batch_size=batch_size, flip=flip, progress=progress)
+        folds = nfolds or int(getattr(vset, "nfolds", 10) or 10)
+        results[unique] = verification_metrics(embeddings, vset.issame, nfolds=folds)
+        results[unique]["nfolds"] = folds
+        if roc_dir is not None:
+            roc = results[unique]["roc"]
+            safe = re.sub(r"[^A-Za-z0-9._-]+", "_", unique)
+            plot_roc({unique: (roc["fpr"], roc["tpr"])}, Path(roc_dir) / f"roc_{safe}.png",
+                     title=f"ROC {getattr(embedder, 'name', '')} on {unique}")
+    return results
+
+
+def summary(results: dict[str, dict]) -> dict[str, dict]:
+    """The results without ROC arrays: what `--json` prints."""
+    return {name: {key: metrics[key] for key in SUMMARY_KEYS} for name, metrics in results.items()}
+
+
+def format_table(results: dict[str, dict]) -> str:
+    fars = sorted({far for metrics in results.values() for far in metrics["tar_at_far"]},
+                  key=lambda k: -float(k))
+    header = ["set", "pairs", "folds", "accuracy +- std"] + [f"TAR@FAR={far}" for far in fars] + ["AUC", "EER"]
+    rows = [header]
+    fmt = lambda v, spec="{:.4f}": "n/a" if v is None else spec.format(v)  # noqa: E731
+    for name, m in results.items():
+        rows.append([name, str(m["pairs"]), str(m.get("nfolds", "")), f"{m['accuracy']:.5f} +- {m['std']:.5f}"]
+                    + [fmt(m["tar_at_far"].get(far)) for far in fars] + [fmt(m["auc"], "{:.5f}"), fmt(m["eer"])])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))) for row in rows)
+
+
+def _open_set(spec: str):
+    if not spec.startswith("synthfaces") and not Path(spec).exists():
+        raise FacekdError(f"verification set not found: {spec} (give an insightface .bin, an LFW folder with "
+                          "pairs.txt, or synthfaces / synthfaces:tiny / synthfaces:small)")
+    try:
+        from facedata import open_verification_set
+    except ImportError as err:
+        raise FacekdError(f"facedata.open_verification_set is not available ({err})") from None
+    return open_verification_set(spec)
+
+
+def _preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if args.channel_order:
+        overrides["channel_order"] = args.channel_order
+    for key in ("mean", "std"):
+        values = getattr(args, key)
+        if values is not None:
+            if len(values) not in (1, 3):
+                raise FacekdError(f"--{key} takes 1 or 3 values (pixel units), got {len(values)}")
+            overrides[key] = values * 3 if len(values) == 1 else values
+    if args.input_size is not None:
+        overrides["input_size"] = args.input_size
+    return overrides
+
+
+def load_model(model: str, *, arch: str | None = None, device: str = "cpu", threads: int | None = None,
+               overrides: dict[str, Any] | None = None):
+    """MODEL argument -> embedder: ONNX files directly, everything else through facekd.models.load_embedder."""
+    path = Path(model)
+    looks_like_file = path.suffix.lower() in (".onnx", ".pth", ".pt", ".safetensors") or "/" in model
+    if looks_like_file and not path.is_file():
+        raise FacekdError(f"model not found: {model}")
+    if path.suffix.lower() == ".onnx":
+        from evaluate.embed import OnnxEmbedder  # imported here: torch is slow to import, errors above are not
+
+        return OnnxEmbedder(path, overrides or None, threads=threads)
+    try:
+        from facekd.models import load_embedder
+    except ImportError as err:
+        raise FacekdError(f"cannot load {model}: facekd.models is not available ({err})") from None
+    embedder = load_embedder(model, arch=arch, device=device)
+    if overrides:
+        from facedata.transforms import check_preprocessing
+
+        embedder.preprocessing = check_preprocessing({**embedder.preprocessing, **overrides})
+    return embedder
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluate.verify",
+        description="Verification accuracy (insightface/LFW 10-fold protocol, image + flip), TAR@FAR, AUC, EER.")
+    parser.add_argument("model", help="ONNX file, facekd .safetensors checkpoint, or insightface backbone.pth (--arch)")
+    parser.add_argument("sets", nargs="+", metavar="SET",
+                        help="insightface .bin, LFW folder with pairs.txt, synthfaces[:tiny|:small]")
+    parser.add_argument("--json", action="store_true", help="print {set: {accuracy, std, tar_at_far, auc, eer, pairs}}")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--no-flip", action="store_true", help="embed the image only (default: image + mirror)")
+    parser.add_argument("--nfolds", type=int, help="folds (default: the set's own, 10 for a .bin)")
+    parser.add_argument("--arch", help="architecture of a checkpoint that does not say (e.g. r100, r50, mbf)")
+    parser.add_argument("--device", default="cpu", help="torch device for non-ONNX models (default cpu)")
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    parser.add_argument("--roc", metavar="PNG", help="write the ROC curves of all sets to this PNG")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--rgb", dest="channel_order", action="store_const", const="RGB",
+                       help="override the model's channel order")
+    order.add_argument("--bgr", dest="channel_order", action="store_const", const="BGR")
+    parser.add_argument("--mean", type=float, nargs="+", help="override mean, pixel units (1 or 3 values)")
+    parser.add_argument("--std", type=float, nargs="+", help="override std, pixel units (1 or 3 values)")
+    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="override the input size")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or (args.nfolds is not None and args.nfolds < 1):
+        raise FacekdError("--batch-size and --nfolds must be >= 1")
+
+    embedder = load_model(args.model, arch=args.arch, device=args.device, threads=args.threads,
+                          overrides=_preprocessing_overrides(args))
+    sets = [_open_set(spec) for spec in args.sets]
+    results = evaluate_sets(embedder, sets, flip=not args.no_flip, batch_size=args.batch_size, nfolds=args.nfolds,
+                            progress=not args.quiet)
+    if args.roc:
+        plot_roc({name: (m["roc"]["fpr"], m["roc"]["tpr"]) for name, m in results.items()}, args.roc,
+                 title=f"ROC {embedder.name}")
+    if args.json:
+        print(json.dumps(summary(results), indent=2))
+    else:
+        print(f"model: {embedder.name} ({args.model}); preprocessing {embedder.preprocessing}; "
+              f"flip: {'no' if args.no_flip else 'yes'}")
+        print(format_table(results))
+        if args.roc:
+            print(f"ROC curves: {args.roc}")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""evaluate.metrics against deliberately slow, obviously-correct pure-Python references of the insightface protocol."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from evaluate.metrics import far_key, kfold_slices, plot_roc, verification_metrics
+from facekd.io import FacekdError
+
+
+def make_pairs(pairs: int, dim: int = 16, noise: float = 1.0, seed: int = 0, genuine_every: int = 2):
+    """L2-normalised embeddings where genuine pairs are noisy copies: distances spread over (0, 4)."""
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((2 * pairs, dim))
+    same = rng.random(pairs) < 1.0 / genuine_every
+    emb[1::2][same] = emb[0::2][same] + noise * rng.standard_normal((int(same.sum()), dim))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb, same
+
+
+# ---------------------------------------------------------------- reference (plain Python, one count at a time)
+
+def ref_distances(emb) -> list[float]:
+    rows = emb.tolist()
+    return [sum((a - b) ** 2 for a, b in zip(rows[2 * i], rows[2 * i + 1])) for i in range(len(rows) // 2)]
+
+
+def ref_folds(n: int, k: int) -> list[tuple[list[int], list[int]]]:
+    """sklearn KFold(k, shuffle=False): contiguous, the first n % k folds one larger."""
+    folds, start = [], 0
+    for f in range(k):
+        size = n // k + (1 if f < n % k else 0)
+        test = list(range(start, start + size))
+        folds.append(([i for i in range(n) if i < start or i >= start + size], test))
+        start += size
+    return folds
+
+
+def ref_accuracy(dist, same, idx, threshold) -> float:
+    correct = 0
+    for i in idx:
+        if (dist[i] < threshold) == same[i]:
+            correct += 1
+    return correct / len(idx)
+
+
+def ref_verification_accuracy(emb, same, nfolds=10):
+    dist, same = ref_distances(emb), [bool(s) for s in same]
+    thresholds = [float(t) for t in np.arange(0, 4, 0.01)]  # the grid itself must be insightface's
+    accs, chosen = [], []
+    for train, test in ref_folds(len(dist), nfolds):
+        best_t, best_acc = None, -1.0
+        for t in thresholds:
+            acc = ref_accuracy(dist, same, train, t)
+            if acc > best_acc:  # strict: the first maximum wins, like np.argmax
+                best_t, best_acc = t, acc
+        chosen.append(best_t)
+        accs.append(ref_accuracy(dist, same, test, best_t))
+    mean = sum(accs) / len(accs)
+    std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))
+    return mean, std, sum(chosen) / len(chosen)
+
+
+def ref_tar_at_far(emb, same, target, nfolds=10):
+    """calculate_val as a loop; the interpolation is older scipy's interp1d(kind='slinear') written out by hand."""
+    dist, same = ref_distances(emb), [bool(s) for s in same]
+    thresholds = [float(t) for t in np.arange(0, 4, 0.001)]
+    tars = []
+    for train, test in ref_folds(len(dist), nfolds):
+        n_diff = sum(1 for i in train if not same[i])
+        far_train = [sum(1 for i in train if not same[i] and dist[i] < t) / n_diff for t in thresholds]
+        if max(far_train) >= target:
+            # degree-1 spline through (far, threshold) in order: segment [j, j+1] with far[j] <= target < far[j+1]
+            j = max(i for i, f in enumerate(far_train) if f <= target)
+            if far_train[j] == target or j == len(far_train) - 1:
+                threshold = thresholds[j]
+            else:
+                w = (target - far_train[j]) / (far_train[j + 1] - far_train[j])
+                threshold = thresholds[j] + w * (thresholds[j + 1] - thresholds[j])
+        else:
+            threshold = 0.0
+        accepted = sum(1 for i in test if same[i] and dist[i] < threshold)
+        tars.append(accepted / sum(1 for i in test if same[i]))
+    return sum(tars) / len(tars)
+
+
+def ref_auc(emb, same) -> float:
+    """Mann-Whitney: P(genuine distance < impostor distance) + half the ties."""
+    dist = ref_distances(emb)
+    gen = [d for d, s in zip(dist, same) if s]
+    imp = [d for d, s in zip(dist, same) if not s]
+    wins = sum(1.0 if g < i else 0.5 if g == i else 0.0 for g in gen for i in imp)
+    return wins / (len(gen) * len(imp))
+
+
+# ---------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("pairs,noise,nfolds", [(303, 1.0, 10), (240, 0.6, 10), (57, 1.2, 5)])
+def test_accuracy_matches_bruteforce(pairs, noise, nfolds):
+    emb, same = make_pairs(pairs, noise=noise, seed=pairs)
+    got = verification_metrics(emb, same, nfolds=nfolds)
+    acc, std, thr = ref_verification_accuracy(emb, same, nfolds)
+    assert 0.6 < got["accuracy"] < 1.0  # non-trivial: the threshold search matters
+    assert got["accuracy"] == pytest.approx(acc, abs=1e-12)
+    assert got["std"] == pytest.approx(std, abs=1e-12)
+    assert got["best_threshold"] == pytest.approx(thr, abs=1e-12)
+    assert got["pairs"] == pairs
+
+
+def test_tar_at_far_matches_bruteforce():
+    emb, same = make_pairs(150, noise=1.3, seed=7)
+    targets = (0.02, 0.05, 0.1)  # 150 pairs: ~68 impostors per training split, so these targets are measurable
+    got = verification_metrics(emb, same, far_targets=targets)["tar_at_far"]
+    values = []
+    for target in targets:
+        want = ref_tar_at_far(emb, same, target)
+        assert got[far_key(target)] == pytest.approx(want, abs=1e-12)
+        values.append(want)
+    assert 0.0 < values[0] < values[-1] < 1.0  # a real trade-off, not a degenerate 0 / 1
+
+
+def test_auc_eer_against_reference():
+    emb, same = make_pairs(200, noise=1.2, seed=3)
+    got = verification_metrics(emb, same)
+    assert got["auc"] == pytest.approx(ref_auc(emb, same), abs=1e-12)
+    # at the EER the two error rates are equal: bracket it by the exact ROC around the crossing
+    dist = np.array(ref_distances(emb))
+    gen, imp = dist[same], dist[~same]
+    rates = [((imp <= t).mean(), (gen > t).mean()) for t in np.sort(dist)]
+    below = max(far for far, frr in rates if frr >= far)
+    above = min(far for far, frr in rates if frr <= far)
+    assert below <= got["eer"] <= above and 0.0 < got["eer"] < 0.5
+
+
+def test_ties_count_half_and_separable_is_perfect():
+    # four pairs: two genuine at distance 0, two impostors at distance 0 and 4 -> AUC = (2 * 0.5 + 2 * 1) / 4
+    e = np.array([[1.0, 0.0]] * 6 + [[1.0, 0.0], [-1.0, 0.0]])
+    same = np.array([True, True, False, False])
+    got = verification_metrics(e, same, nfolds=1, far_targets=())
+    assert got["auc"] == pytest.approx(0.75)
+    assert got["eer"] == pytest.approx(1 / 3)  # ROC (0,0) -> (0.5,1): FAR = FRR where 0.5a = 1 - a
+    sep, same = make_pairs(100, noise=0.05, seed=1)
+    got = verification_metrics(sep, same)
+    assert got["accuracy"] == 1.0 and got["auc"] == 1.0 and got["eer"] == 0.0 and got["std"] == 0.0
+
+
+def test_far_targets_reported_only_when_measurable():
+    emb, same = make_pairs(6000, dim=8, noise=0.8, seed=5)
+    got = verification_metrics(emb, same)["tar_at_far"]
+    assert set(got) == {"1e-3", "1e-4"}
+    assert isinstance(got["1e-3"], float) and got["1e-4"] is None  # ~2,700 impostors per training split
+    # 23,000 pairs, ~10,350 impostors per training split >= 10,000: 1e-4 becomes measurable
+    emb, same = make_pairs(23000, dim=8, noise=0.8, seed=6)
+    got = verification_metrics(emb, same)["tar_at_far"]
+    assert isinstance(got["1e-4"], float) and 0.0 <= got["1e-4"] <= got["1e-3"] <= 1.0
+
+
+def test_folds_match_sklearn_kfold():
+    sizes = [s.stop - s.start for s in kfold_slices(303, 10)]
+    assert sizes == [31, 31, 31] + [30] * 7
+    assert kfold_slices(5, 1) == [slice(0, 5)]
+
+
+def test_roc_is_small_monotone_and_json_ready(tmp_path):
+    emb, same = make_pairs(3000, dim=8, noise=1.0, seed=2)
+    got = verification_metrics(emb, same)
+    fpr, tpr = got["roc"]["fpr"], got["roc"]["tpr"]
+    assert 50 < len(fpr) == len(tpr) <= 200
+    assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert json.loads(json.dumps(got)) == got
+    png = plot_roc({"a": (fpr, tpr), "b": (fpr, tpr)}, tmp_path / "roc.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_bad_inputs_give_clear_errors():
+    emb, same = make_pairs(20)
+    with pytest.raises(FacekdError, match="odd number of images"):
+        verification_metrics(emb[:-1], same)
+    with pytest.raises(FacekdError, match="issame has 19 labels for 20 pairs"):
+        verification_metrics(emb, same[:-1])
+    bad = emb.copy()
+    bad[5, 3] = np.nan
+    with pytest.raises(FacekdError, match="NaN or inf.*row 5"):
+        verification_metrics(bad, same)
+    with pytest.raises(FacekdError, match="L2-normalised"):
+        verification_metrics(emb * 3.0, same)
+    with pytest.raises(FacekdError, match="cannot be split into 10 folds"):
+        verification_metrics(emb[:8], same[:4])
