@@ -1,0 +1,1 @@
+"""distill: teacher -> student knowledge distillation (losses, the combined objective, `python -m distill.run`)."""

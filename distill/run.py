@@ -1,0 +1,307 @@
+"""Distil a face-recognition teacher into a student: `python -m distill.run --teacher r100 [--kd feature+logit]`.
+
+The student (default MobileFaceNet) trains with `engine.Trainer` on a margin softmax plus the `--kd` losses
+(distill/losses.py). Teacher embeddings come from the teacher knowledge cache (teachers/cache.py), so the teacher
+never runs in a student step; `--online-teacher` runs it instead (for augmentations a cache cannot hold).
+
+Teacher resolution, in order: --teacher-weights; a matching teacher cache (runs/NAME/cache, runs/teacher-cache/,
+teachers/zoo/); a teacher trained earlier by `teachers.train` on the same data (runs/*/teacher/manifest.json);
+otherwise, on SynthFaces only, the teacher is trained first (with a printed, estimated duration).
+
+Writes runs/NAME/student/{model.safetensors, checkpoint.pt, metrics.json, log.jsonl, manifest.json} (with
+--ablation: runs/NAME/ablation/<kd>/...) and one results row per evaluated set in results/summary.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from distill.objective import DEFAULT_WEIGHTS, KD_NAMES, parse_kd, kd_label
+from facekd.io import FacekdError, cli_main, read_manifest, sha256_file, write_manifest
+
+RUNS = Path("runs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.presets import PRESET_CHOICES
+
+    p = argparse.ArgumentParser(prog="python -m distill.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", required=True, help="teacher: registry name (r18..r200, timm:NAME), onnx:PATH, sface")
+    p.add_argument("--teacher-weights", help="facekd checkpoint or insightface backbone.pth of the teacher")
+    p.add_argument("--student", default="mobilefacenet", help="student registry name")
+    p.add_argument("--data", default="synthfaces", help="training set spec (facedata.open_train_set)")
+    p.add_argument("--val", nargs="*", default=None, metavar="SET",
+                   help="verification sets (default: the synthfaces set matching --data; none for other data)")
+    p.add_argument("--kd", default="feature+logit",
+                   help=f"losses, '+'-joined from: {', '.join(KD_NAMES)}")
+    p.add_argument("--ablation", metavar="KD1,KD2,...",
+                   help="train one student per --kd setting on the same budget, in runs/NAME/ablation/<kd>/")
+    p.add_argument("--online-teacher", action="store_true", help="run the teacher in every step instead of the cache")
+    p.add_argument("--preset", default="auto", choices=PRESET_CHOICES, help="auto: gpu with CUDA, else cpu")
+    p.add_argument("--out", help="run directory runs/NAME (default runs/distill-STUDENT-TEACHER)")
+    p.add_argument("--resume", action="store_true", help="continue the student from its checkpoint.pt")
+    p.add_argument("--results", default=None, help="results table (default results/summary.csv)")
+    p.add_argument("--no-results", action="store_true", help="do not touch the results table")
+    g = p.add_argument_group("losses")
+    g.add_argument("--margin", default="arcface", choices=("arcface", "cosface"), help="hard-label margin loss")
+    g.add_argument("--s", type=float, default=64.0, help="margin-softmax scale")
+    g.add_argument("--m", type=float, default=None, help="margin (default 0.5 arcface, 0.35 cosface)")
+    for name, value in DEFAULT_WEIGHTS.items():
+        g.add_argument(f"--w-{name}", type=float, default=value, help=f"weight of the {name} loss")
+    g.add_argument("--temperature", type=float, default=4.0, help="logit KD temperature T")
+    g.add_argument("--logit-scale", type=float, default=64.0, help="cosine-logit scale of logit KD")
+    g.add_argument("--feature-metric", default="cosine", choices=("cosine", "mse"))
+    g.add_argument("--adadistill-m", type=float, default=0.45, help="AdaDistill margin (official config: 0.45)")
+    t = p.add_argument_group("training (override the preset)")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--workers", type=int)
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    t.add_argument("--cache-batch-size", type=int, default=128, help="batch size of the teacher cache pass")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- teacher
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _device(choice: str | None) -> str:
+    import torch
+
+    return "cuda" if (choice in (None, "auto") and torch.cuda.is_available()) or choice == "cuda" else "cpu"
+
+
+def find_trained_teacher(arch: str, dataset_fp: str, runs: Path = RUNS) -> Path | None:
+    """model.safetensors of a `teachers.train` run of `arch` on the dataset with fingerprint `dataset_fp`."""
+    for manifest_path in sorted(runs.glob("*/teacher/manifest.json")):
+        manifest = read_manifest(manifest_path.parent) or {}
+        if (manifest.get("kind") == "teacher" and manifest.get("settings", {}).get("arch") == arch
+                and manifest.get("inputs", {}).get("dataset") == dataset_fp):
+            weights = manifest_path.parent / manifest.get("model", "model.safetensors")
+            if weights.is_file():
+                return weights
+    return None
+
+
+def estimate_teacher_training(arch: str, preset: str, device: str, steps: int = 3) -> float:
+    """Seconds to train `arch` for the preset's steps, extrapolated from a few measured steps here."""
+    import torch
+
+    from engine.presets import PRESETS
+    from facekd.models import create_model
+
+    cfg = PRESETS[preset]
+    batch = min(cfg["batch_size"], 8 if device == "cpu" else cfg["batch_size"])
+    model = create_model(arch).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, *model.input_size, device=device)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    per_image = min(times[1:]) / batch  # the first step pays for allocation / cudnn autotuning
+    return per_image * cfg["batch_size"] * cfg["steps"]
+
+
+def resolve_teacher(args: argparse.Namespace, dataset: Any, out: Path, preset: str, device: str) -> dict[str, Any]:
+    """Find the teacher's knowledge: {"weights": Path | None, "cache": TeacherCache | None, "how": str}."""
+    from facekd import __version__
+    from teachers.cache import TeacherCache, dataset_key, search_dirs
+
+    if args.teacher_weights:
+        if not Path(args.teacher_weights).is_file():
+            raise FacekdError(f"--teacher-weights not found: {args.teacher_weights}")
+        return {"weights": Path(args.teacher_weights), "cache": None, "how": "--teacher-weights"}
+    if args.teacher.startswith("onnx:") or args.teacher == "sface":
+        return {"weights": None, "cache": None, "how": "ONNX teacher"}
+    partial = {"teacher_arch": args.teacher, **dataset_key(dataset), "facekd_version": __version__}
+    cache = TeacherCache.find(partial, search_dirs(out))
+    if cache is not None and not args.online_teacher:
+        return {"weights": None, "cache": cache, "how": f"teacher cache {cache.root}"}
+    weights = find_trained_teacher(args.teacher, dataset.fingerprint)
+    if weights is not None:
+        return {"weights": weights, "cache": None, "how": f"teacher trained earlier ({weights})"}
+    if not args.data.startswith("synthfaces"):
+        raise FacekdError(f"no {args.teacher} teacher for {args.data}: pass --teacher-weights (facekd checkpoint or "
+                          f"insightface backbone.pth), or train one: python -m teachers.train --arch {args.teacher} "
+                          f"--data {args.data}")
+    seconds = estimate_teacher_training(args.teacher, preset, device)
+    teacher_out = out / "teacher"
+    print(f"no {args.teacher} teacher for {dataset.name}: training one first with the {preset} preset "
+          f"(estimated {seconds / 60:.1f} min on {device}, extrapolated from 3 measured steps) -> {teacher_out}")
+    from teachers import train
+
+    argv = ["--arch", args.teacher, "--data", args.data, "--preset", preset, "--out", str(teacher_out),
+            "--seed", str(args.seed)]
+    if (teacher_out / "checkpoint.pt").exists():
+        argv.append("--resume")
+    if args.results:
+        argv += ["--results", args.results]
+    if args.no_results:
+        argv.append("--no-results")
+    if args.device:
+        argv += ["--device", args.device]
+    train.main(argv)
+    return {"weights": teacher_out / "model.safetensors", "cache": None, "how": f"teacher trained now ({teacher_out})"}
+
+
+def teacher_cache(args: argparse.Namespace, dataset: Any, out: Path, weights: Path | None, device: str):
+    """The cache for these weights: found (runs/NAME/cache, runs/teacher-cache, zoo) or built into runs/NAME/cache."""
+    from teachers.cache import TeacherCache, build_cache, cache_key, search_dirs, teacher_embedder
+
+    embed, sha, pre = teacher_embedder(args.teacher, str(weights) if weights else None, device)
+    key = cache_key(teacher_arch=args.teacher, teacher_sha256=sha, dataset=dataset, preprocessing=pre)
+    cache = TeacherCache.find(key, search_dirs(out))
+    if cache is None and _rank() != 0:  # under torchrun only rank 0 builds; the others wait for its rename
+        deadline = time.monotonic() + 6 * 3600
+        while cache is None and time.monotonic() < deadline:
+            time.sleep(5)
+            cache = TeacherCache.find(key, [out / "cache"])
+        if cache is None:
+            raise FacekdError(f"rank {_rank()}: gave up waiting for rank 0 to build the teacher cache in {out / 'cache'}")
+    if cache is None:
+        stale = out / "cache"
+        if (stale / "manifest.json").is_file():
+            print(f"teacher cache {stale} does not match this teacher/data; rebuilding it")
+        workers = args.workers if args.workers is not None else (4 if device == "cuda" else 0)
+        cache = build_cache(embed, dataset, out / "cache", key=key, batch_size=args.cache_batch_size,
+                            workers=workers, settings={"teacher": args.teacher, "data": args.data})
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+def result_rows(*, student: str, run: str, kd: str, model: Any, metrics: dict[str, Any], artifact: Path,
+                command: str) -> list[dict[str, Any]]:
+    """One results row per evaluated set (keys of facekd.table's schema)."""
+    from facekd import table
+    from facekd.models import count_macs
+
+    params = sum(p.numel() for p in model.parameters())
+    macs = count_macs(model.cpu().eval())
+    cells = {"kd": kd, "params": params, "macs": macs, "embedding_dim": int(model.embedding_dim),
+             "hardware": metrics.get("hardware"), "artifact": str(artifact), "command": command}
+    if artifact.is_file():
+        cells["file_bytes"] = artifact.stat().st_size
+    return [table.model_row("student", student, run, dataset=name, metrics=m, **cells)
+            for name, m in (metrics.get("val") or {}).items()]
+
+
+# ----------------------------------------------------------------------------------------------- one student
+
+def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any, val_sets: list, out: Path,
+                  run_dir: Path, preset: str, teacher_info: dict[str, Any], device: str) -> dict[str, Any]:
+    import torch
+
+    from distill.objective import CachedTeacher, DistillObjective, OnlineTeacher
+    from engine.presets import make_config
+    from engine.trainer import Trainer
+    from facekd.models import create_model, export_onnx, load_checkpoint
+
+    cfg = make_config(preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      workers=args.workers, device=args.device, out=str(run_dir), arch=args.student)
+    torch.manual_seed(args.seed)
+    student = create_model(args.student)
+    teacher, cache, teacher_dim = None, teacher_info.get("cache"), None
+    if kd:
+        if cache is None and (not args.online_teacher or "logit" in kd):
+            cache = teacher_cache(args, dataset, out, teacher_info["weights"], device)
+            teacher_info["cache"] = cache
+        if args.online_teacher:
+            if teacher_info["weights"] is None:
+                raise FacekdError("--online-teacher needs PyTorch teacher weights (--teacher-weights, or a teacher "
+                                  "trained by teachers.train); a cache or ONNX teacher cannot run online")
+            model = load_checkpoint(teacher_info["weights"], arch=args.teacher)
+            teacher = OnlineTeacher(model, student_preprocessing=student.preprocessing)
+            teacher_dim = teacher.embedding_dim
+        else:
+            teacher, teacher_dim = CachedTeacher(cache), cache.embedding_dim
+        if cache is not None and cache.num_images != len(dataset):
+            raise FacekdError(f"teacher cache {cache.root} holds {cache.num_images} images, the data {len(dataset)}")
+    weights = {name: getattr(args, f"w_{name}") for name in DEFAULT_WEIGHTS}
+    objective = DistillObjective(kd, student_dim=student.embedding_dim, num_classes=dataset.num_classes,
+                                 teacher=teacher, teacher_dim=teacher_dim,
+                                 centres=cache.centres if cache is not None else None, margin=args.margin, s=args.s,
+                                 m=args.m, weights=weights, temperature=args.temperature,
+                                 logit_scale=args.logit_scale, feature_metric=args.feature_metric,
+                                 adadistill_m=args.adadistill_m)
+    metrics = Trainer(student, objective, dataset, cfg, val_sets=val_sets).fit(resume=args.resume)
+    if _rank() != 0:
+        return {"metrics": metrics, "student": student}
+    # the deployable artifact, whose size the results table reports, is the ONNX file
+    export_onnx(student.cpu().eval(), run_dir / "model.onnx", metadata={"stage": "student", "kd": kd_label(kd)})
+    settings = {"student": args.student, "teacher": args.teacher, "kd": kd_label(kd), "online_teacher":
+                args.online_teacher, "margin": args.margin, "s": args.s, "m": args.m, "weights": weights,
+                "temperature": args.temperature, "logit_scale": args.logit_scale,
+                "feature_metric": args.feature_metric, "adadistill_m": args.adadistill_m, "train": metrics["config"]}
+    inputs = {"dataset": dataset.fingerprint}
+    if teacher_info.get("weights"):
+        inputs["teacher_sha256"] = sha256_file(teacher_info["weights"])
+    if cache is not None:
+        inputs["teacher_cache"] = cache.manifest.get("fingerprint", "")
+    write_manifest(run_dir, "student", settings, inputs=inputs, dataset=dataset.name, teacher=teacher_info["how"],
+                   model="model.safetensors", val={k: v["accuracy"] for k, v in (metrics.get("val") or {}).items()})
+    return {"metrics": metrics, "student": student}
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import facedata
+    from engine.presets import resolve_preset
+
+    kd_settings = [parse_kd(k) for k in args.ablation.split(",")] if args.ablation else [parse_kd(args.kd)]
+    if args.temperature <= 0:
+        raise FacekdError(f"--temperature must be > 0, got {args.temperature}")
+    for name in DEFAULT_WEIGHTS:
+        if getattr(args, f"w_{name}") < 0:
+            raise FacekdError(f"--w-{name} must be >= 0, got {getattr(args, f'w_{name}')}")
+    preset = resolve_preset(args.preset)
+    device = _device(args.device)
+    dataset = facedata.open_train_set(args.data)
+    val_specs = args.val if args.val is not None else ([args.data] if args.data.split(":")[0] == "synthfaces" else [])
+    val_sets = [facedata.open_verification_set(v) for v in val_specs]
+    out = Path(args.out or RUNS / f"distill-{args.student}-{args.teacher}".replace(":", "_").replace("/", "_"))
+    teacher_info = (resolve_teacher(args, dataset, out, preset, device) if any(kd_settings)
+                    else {"weights": None, "cache": None, "how": "none (--kd none)"})
+    print(f"teacher: {args.teacher} from {teacher_info['how']}")
+    command = " ".join(["python -m distill.run", *(argv if argv is not None else __import__("sys").argv[1:])])
+    summary = []
+    for kd in kd_settings:
+        label = kd_label(kd)
+        run_dir = out / "ablation" / label if args.ablation else out / "student"
+        run_name = f"{out.name}/ablation/{label}" if args.ablation else out.name
+        result = train_student(args, kd, dataset=dataset, val_sets=val_sets, out=out, run_dir=run_dir, preset=preset,
+                               teacher_info=teacher_info, device=device)
+        metrics = result["metrics"]
+        if _rank() != 0:
+            continue
+        if not args.no_results:
+            from facekd import table
+
+            rows = result_rows(student=args.student, run=run_name, kd=label, model=result["student"],
+                               metrics=metrics, artifact=run_dir / "model.onnx", command=command)
+            if rows:
+                table.upsert_rows(rows, args.results or table.DEFAULT_PATH)
+        accs = ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in (metrics.get("val") or {}).items())
+        summary.append(f"  kd={label:<22} {accs or 'no validation set'}  -> {run_dir}")
+    if _rank() == 0:
+        print("distillation done:\n" + "\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

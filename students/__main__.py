@@ -1,0 +1,14 @@
+"""`python -m students list`: registered student models with params, multiply-adds, embedding dim, input size."""
+from __future__ import annotations
+
+from facekd.io import cli_main
+from facekd.models import list_main
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    return list_main("student", argv, prog="python -m students")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""`python -m distill.run`: flag errors, teacher resolution errors, and one end-to-end smoke run (slow)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distill import run
+
+
+def test_unknown_kd_is_one_line_error_listing_valid_names(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--teacher", "r100", "--kd", "feature+dark", "--data", "synthfaces:tiny"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "unknown value 'dark'" in err and "none, feature, logit, relational, adadistill" in err
+
+
+def test_non_default_data_without_teacher_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for ident in ("alice", "bob"):
+        (tmp_path / "faces" / ident).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(tmp_path / "faces" / ident / f"{k}.png")
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--teacher", "r100", "--data", str(tmp_path / "faces"), "--kd", "feature", "--preset", "smoke"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no r100 teacher for" in err and "--teacher-weights" in err and "teachers.train" in err
+
+
+def test_find_trained_teacher_matches_arch_and_dataset(tmp_path):
+    from facekd.io import write_manifest
+
+    d = tmp_path / "r18" / "teacher"
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(b"x")
+    write_manifest(d, "teacher", {"arch": "r18"}, inputs={"dataset": "fp1"}, model="model.safetensors")
+    assert run.find_trained_teacher("r18", "fp1", runs=tmp_path) == d / "model.safetensors"
+    assert run.find_trained_teacher("r18", "fp2", runs=tmp_path) is None
+    assert run.find_trained_teacher("r50", "fp1", runs=tmp_path) is None
+
+
+@pytest.mark.slow
+def test_smoke_feature_logit_end_to_end(tmp_path, monkeypatch):
+    from facekd.models import create_model, save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    # a tiny teacher: a 256-d MobileFaceNet (random weights), so the 128-d student needs the projection
+    save_checkpoint(create_model("mobilefacenet", embedding_dim=256), tmp_path / "teacher.safetensors")
+    results = tmp_path / "summary.csv"
+    argv = ["--teacher", "mobilefacenet", "--teacher-weights", str(tmp_path / "teacher.safetensors"),
+            "--data", "synthfaces:tiny", "--preset", "smoke", "--kd", "feature+logit", "--steps", "4",
+            "--batch-size", "16", "--workers", "0", "--out", "runs/smoke", "--results", str(results)]
+    assert run.main(argv) == 0
+    student = tmp_path / "runs" / "smoke" / "student"
+    for name in ("model.safetensors", "checkpoint.pt", "metrics.json", "log.jsonl", "manifest.json"):
+        assert (student / name).is_file(), name
+    state = torch.load(student / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 4 and "proj.weight" in state["objective"]
+    logged = [json.loads(line) for line in (student / "log.jsonl").read_text().splitlines()]
+    assert any({"ce", "feature", "logit", "loss"} <= set(rec) for rec in logged)
+    manifest = json.loads((student / "manifest.json").read_text())
+    assert manifest["settings"]["kd"] == "feature+logit" and manifest["inputs"]["teacher_cache"]
+    assert (tmp_path / "runs" / "smoke" / "cache" / "embeddings.npy").is_file()
+    rows = list(csv.DictReader(results.open()))
+    assert rows and all(r["stage"] == "student" and r["kd"] == "feature+logit" for r in rows)
+    assert {r["dataset"] for r in rows} == {"synthfaces:tiny"}
+    for r in rows:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0 and int(r["params"]) > 0 and int(r["macs"]) > 0
+
+
+def test_default_data_trains_teacher_after_printing_estimate(tmp_path, monkeypatch, capsys):
+    """No weights, no cache, no earlier teacher: on SynthFaces the teacher is trained first via teachers.train."""
+    import argparse
+
+    from teachers import train
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(run, "estimate_teacher_training", lambda arch, preset, device: 754.0)
+    monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or 0)
+    ds = type("DS", (), {"name": "synthfaces:tiny", "fingerprint": "fp", "__len__": lambda self: 64})()
+    monkeypatch.setattr("teachers.cache.dataset_key",
+                        lambda d: {"dataset": "fp", "num_images": 64, "synthfaces_version": "1.0"})
+    args = argparse.Namespace(teacher_weights=None, teacher="r18", online_teacher=False, data="synthfaces:tiny",
+                              seed=3, results=None, no_results=True, device=None)
+    info = run.resolve_teacher(args, ds, tmp_path / "runs" / "x", "cpu", "cpu")
+    out = capsys.readouterr().out
+    assert "estimated 12.6 min" in out and "training one first" in out
+    assert calls == [["--arch", "r18", "--data", "synthfaces:tiny", "--preset", "cpu", "--out",
+                      str(tmp_path / "runs" / "x" / "teacher"), "--seed", "3", "--no-results"]]
+    assert info["weights"] == tmp_path / "runs" / "x" / "teacher" / "model.safetensors"
+
+
+def test_ablation_writes_one_run_and_row_per_kd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    class Tiny(torch.nn.Sequential):
+        embedding_dim, input_size = 8, (4, 4)
+
+    def fake_train(args, kd, *, dataset, val_sets, out, run_dir, preset, teacher_info, device):
+        seen.append((kd, run_dir))
+        metrics = {"val": {"synthfaces:tiny": {"accuracy": 0.75, "std": 0.1, "tar_at_far": {"1e-3": 0.5}}},
+                   "hardware": "cpu test"}
+        return {"metrics": metrics, "student": Tiny(torch.nn.Flatten(), torch.nn.Linear(48, 8))}
+
+    monkeypatch.setattr(run, "train_student", fake_train)
+    monkeypatch.setattr(run, "resolve_teacher", lambda *a: {"weights": None, "cache": None, "how": "test"})
+    results = tmp_path / "summary.csv"
+    assert run.main(["--teacher", "r18", "--data", "synthfaces:tiny", "--ablation", "none,feature+logit,adadistill",
+                     "--preset", "smoke", "--out", "runs/abl", "--results", str(results)]) == 0
+    assert [k for k, _ in seen] == [(), ("feature", "logit"), ("adadistill",)]
+    assert [d.as_posix() for _, d in seen] == [
+        "runs/abl/ablation/none", "runs/abl/ablation/feature+logit", "runs/abl/ablation/adadistill"]
+    rows = list(csv.DictReader(results.open()))
+    assert sorted((r["run"], r["kd"]) for r in rows) == [("abl/ablation/adadistill", "adadistill"),
+                                                        ("abl/ablation/feature+logit", "feature+logit"),
+                                                        ("abl/ablation/none", "none")]
+    assert all(float(r["accuracy"]) == 0.75 and r["tar_at_far_1e3"] == "0.5" for r in rows)
