@@ -134,10 +134,20 @@ def git_commit() -> str:
     return f"{sha}+dirty" if sha and dirty else sha
 
 
+def command_line() -> str:
+    """The command that started this process, as a user would type it (`python -m pkg.cmd ARGS`)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        program = "python -m " + spec.name.removesuffix(".__main__")
+    else:
+        program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    return " ".join([program, *sys.argv[1:]])
+
+
 def provenance(**extra: Any) -> dict[str, Any]:
     """What made an artifact: command line, facekd version, git commit, UTC time, plus `extra`."""
     return {
-        "command": " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]),
+        "command": command_line(),
         "facekd_version": __version__,
         "git_commit": git_commit(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
