@@ -111,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.runs / (args.run or f"pipeline-{s['preset']}")
     pipeline = Pipeline(run_dir, s)
     student, pruned, int8 = run_dir / "student", run_dir / "pruned", run_dir / "int8"
-    results = ["--results", str(args.results)]
+    results_flag = ["--results", str(args.results)]
     steps = ["--steps", str(s["steps"])] if s["steps"] else []
     val = ["--val", *s["val"]] if s["val"] else []
     start = time.perf_counter()
 
     def run_distill() -> None:
         argv = ["--teacher", s["teacher"], "--student", s["student"], "--data", s["data"], *val, "--kd", s["kd"],
-                "--preset", s["preset"], "--out", str(run_dir), *results, *steps]
+                "--preset", s["preset"], "--out", str(run_dir), *results_flag, *steps]
         if s["teacher_weights"]:
             argv += ["--teacher-weights", s["teacher_weights"]]
         if (student / "checkpoint.pt").is_file():
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     def run_prune() -> None:
         macs = count_macs(load_checkpoint(student / "model.safetensors"))
         argv = [str(student), "--target-macs", str(int(macs * s["target_macs_ratio"])), "--data", s["data"], *val,
-                "--preset", s["preset"], "--out", str(pruned), *results]
+                "--preset", s["preset"], "--out", str(pruned), *results_flag]
         if s["steps"]:
             argv += ["--finetune-steps", str(s["steps"])]
         if (pruned / "checkpoint.pt").is_file() or (pruned / "state.json").is_file():
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_set = s["val"][0] if s["val"] else s["data"]
         num_calib = "64" if s["preset"] == "smoke" else "512"
         quantize.ptq.main([str(pruned / "model.onnx"), "--calib", s["calib"], "--num-calib", num_calib,
-                           "--eval", eval_set, "--out", str(int8), "--run", run_dir.name, *results])
+                           "--eval", eval_set, "--out", str(int8), "--run", run_dir.name, *results_flag])
 
     def run_latency() -> None:
         models = [student / "model.onnx", pruned / "model.onnx", int8 / "model_int8.onnx"]

@@ -1,0 +1,517 @@
+"""Post-training int8 quantisation of a face model (onnxruntime static quantisation) with a fidelity report.
+
+    python -m quantize.ptq runs/NAME/student/model.safetensors --calib synthfaces --out runs/NAME/int8
+
+Pipeline: export to ONNX (facekd checkpoints) -> onnxruntime pre-processing (shape inference, BatchNorm folding)
+-> PReLU rewritten as Max of two convolutions (`quantize.graph`, exact in float) -> `quantize_static` (int8
+per-channel symmetric weights, 8-bit activations calibrated on real face crops through the model's own
+preprocessing) -> PReLU Max fused to run on 8-bit tensors, twin convs share int8 weights -> metadata copied
+(+ quantisation settings), checked.
+
+Format: QOperator by default (QLinearConv carries its int32 bias without per-channel bias-scale tensors, so the
+file is ~28% of fp32 instead of ~31% for QDQ); QDQ (`--format qdq`) runs at the same speed with the same numerics
+in onnxruntime, which fuses DQ->Conv->Q into the same QLinearConv kernels.
+
+Activations default to uint8 (`--activations u8`): for asymmetric activation ranges uint8 and int8 quantisation are
+the same grid shifted by 128 (scale and rounding identical), but onnxruntime's x86 CPU path only fuses residual
+Adds (QLinearAdd) and avoids float fallbacks with uint8 activations; `--activations s8` gives the literal S8S8 model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from facekd.io import FacekdError, atomic_path, atomic_write_json, check_choice, cli_main, provenance, \
+    write_manifest
+
+METHODS = ("minmax", "entropy", "percentile", "auto")
+FORMATS = ("qdq", "qoperator")
+ACTIVATIONS = ("u8", "s8")
+ONNX_METADATA_KEY = "facekd"
+
+
+# ----------------------------------------------------------------------------------------------- models in
+
+def read_preprocessing(path: str | Path) -> dict[str, Any]:
+    """The model's preprocessing from its facekd ONNX metadata (insightface default for foreign models)."""
+    import onnx
+
+    from evaluate.embed import INSIGHTFACE_PREPROCESSING, check_preprocessing
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for prop in proto.metadata_props:
+        if prop.key == ONNX_METADATA_KEY:
+            try:
+                meta = json.loads(prop.value)
+            except json.JSONDecodeError:
+                raise FacekdError(f"{path}: facekd metadata is not valid JSON") from None
+            if "preprocessing" in meta:
+                return check_preprocessing(meta["preprocessing"])
+    return dict(INSIGHTFACE_PREPROCESSING)
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    if not path.is_file():
+        raise FacekdError(f"model not found: {path}")
+    try:
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+    except Exception as err:
+        raise FacekdError(f"{path} is not a valid ONNX model: {str(err).splitlines()[0]}") from None
+    inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    if len(inputs) != 1:
+        raise FacekdError(f"{path}: expected one image input, got {[i.name for i in inputs]}")
+    return proto
+
+
+def prepare_float_model(model: str | Path, out_dir: Path, *, arch: str | None = None) -> tuple[Path, Any]:
+    """(fp32 ONNX path, torch model or None): an `.onnx` is used as is; a checkpoint is exported to out_dir."""
+    model = Path(model)
+    if not model.is_file():
+        raise FacekdError(f"model not found: {model}")
+    if model.suffix.lower() == ".onnx":
+        return model, None
+    from facekd.models import export_onnx, load_checkpoint
+
+    torch_model = load_checkpoint(model, arch=arch)
+    path = export_onnx(torch_model, out_dir / "model_fp32.onnx")
+    return path, torch_model
+
+
+# ----------------------------------------------------------------------------------------------- quantising
+
+def _layer_names(proto, which: str) -> list[str]:
+    """Node names of the first or last weighted layer (Conv/Gemm/MatMul) in graph order."""
+    layers = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    if not layers:
+        return []
+    return [(layers[0] if which == "first" else layers[-1]).name]
+
+
+def _resolve_keep_float(proto, keep_float: Sequence[str]) -> list[str]:
+    names = {n.name for n in proto.graph.node}
+    out: list[str] = []
+    for item in keep_float:
+        resolved = _layer_names(proto, item) if item in ("first", "last") else [item]
+        for name in resolved:
+            if name not in names:
+                close = sorted(n for n in names if name.split("/")[-1] in n)[:3]
+                raise FacekdError(f"--keep-float: no node named {name!r}" + (f" (similar: {close})" if close else ""))
+            out.append(name)
+    return out
+
+
+def quantize_onnx(src: str | Path, dst: str | Path, calib_images: np.ndarray, *, method: str = "minmax",
+                  per_channel: bool = True, fmt: str = "qoperator", activations: str = "u8", rewrite_prelu: bool = True,
+                  keep_float: Sequence[str] = (), extra_options: dict[str, Any] | None = None,
+                  preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Quantise the fp32 ONNX `src` to `dst`, calibrating on `calib_images` (uint8 NHWC RGB 112x112).
+
+    Returns the settings and what the graph rewrites did (PReLU nodes rewritten / kept, Max nodes fused).
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from quantize.calib import calibration_reader, check_images
+    from quantize.graph import PRELU_TAG, compact_names, copy_metadata, fuse_int8_max, fuse_int8_max_qoperator, prelu_to_minmax, share_twin_weights, \
+        share_zero_weight_zero_points
+
+    check_choice(method, METHODS[:-1], "--method")
+    check_choice(fmt, FORMATS, "--format")
+    check_choice(activations, ACTIVATIONS, "--activations")
+    src, dst = Path(src), Path(dst)
+    original = _load_onnx(src)
+    calib_images = check_images(calib_images, "calibration images")
+    preprocessing = preprocessing or read_preprocessing(src)
+    info: dict[str, Any] = {"method": method, "per_channel": per_channel, "format": fmt, "activations": activations,
+                            "weights": "s8 symmetric" + (" per-channel" if per_channel else " per-tensor"),
+                            "rewrite_prelu": rewrite_prelu, "calibration_images": int(len(calib_images))}
+    with tempfile.TemporaryDirectory(prefix="facekd-ptq-") as tmp:
+        pre_path = Path(tmp) / "pre.onnx"
+        try:
+            quant_pre_process(str(src), str(pre_path), skip_symbolic_shape=False)
+        except Exception as err:  # symbolic shape inference fails on some graphs; the ONNX one is enough
+            quant_pre_process(str(src), str(pre_path), skip_symbolic_shape=True)
+            info["pre_process_note"] = f"symbolic shape inference skipped: {str(err).splitlines()[0]}"
+        proto = onnx.load(str(pre_path))
+        if rewrite_prelu:
+            proto, report = prelu_to_minmax(proto)
+            info["prelu"] = {"rewritten": sum(v in ("max", "min") for v in report.values()),
+                             "kept_float": {k: v for k, v in report.items() if v not in ("max", "min")}}
+        excluded = _resolve_keep_float(proto, keep_float)
+        for name in list(excluded):  # a kept-float conv keeps its PReLU twin and Max float too
+            excluded += [n.name for n in proto.graph.node if n.name == f"{name}_prelu_scaled"]
+        info["keep_float"] = excluded
+        rewritten = Path(tmp) / "rewritten.onnx"
+        onnx.save(proto, str(rewritten))
+        options = {"DedicatedQDQPair": False, **(extra_options or {})}
+        if method == "percentile":
+            options.setdefault("CalibPercentile", 99.999)
+        input_name = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}][0]
+        qpath = Path(tmp) / "int8.onnx"
+        try:
+            quantize_static(
+                str(rewritten), str(qpath), calibration_reader(calib_images, preprocessing, input_name),
+                quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+                per_channel=per_channel,
+                activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=excluded or None,
+                calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                  "percentile": CalibrationMethod.Percentile}[method],
+                extra_options=options)
+        except FacekdError:
+            raise
+        except Exception as err:
+            raise FacekdError(f"onnxruntime quantize_static failed on {src.name}: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        qproto = onnx.load(str(qpath))
+    info["extra_options"] = options
+    if rewrite_prelu and fmt == "qdq":
+        qproto, info["int8_max_fused"] = fuse_int8_max(qproto)
+        info["twin_weights_shared"] = share_twin_weights(qproto)
+    elif rewrite_prelu:
+        qproto, info["int8_max_fused"] = fuse_int8_max_qoperator(qproto)
+    if fmt == "qoperator":
+        share_zero_weight_zero_points(qproto)
+    compact_names(qproto)
+    info["onnxruntime"] = _ort_version()
+    copy_metadata(original, qproto, quantization=info)
+    onnx.checker.check_model(qproto)
+    with atomic_path(dst) as tmp_dst:
+        onnx.save(qproto, str(tmp_dst))
+    info["prelu_tag"] = PRELU_TAG
+    return info
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _session(path: str | Path, threads: int = 1):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:
+        raise FacekdError(f"onnxruntime cannot load {path}: {str(err).splitlines()[0]}") from None
+
+
+def raw_embeddings(path: str | Path, x: np.ndarray, batch_size: int = 32, threads: int = 1) -> np.ndarray:
+    """Embeddings of already-preprocessed float NCHW `x` (no flip, not normalised)."""
+    session = _session(path, threads)
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[s:s + batch_size]})[0] for s in range(0, len(x), batch_size)])
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return (a * b).sum(1)
+
+
+def choose_method(src: str | Path, dst: str | Path, calib_images: np.ndarray, *, holdout: float = 0.25,
+                  log=print, **kwargs: Any) -> tuple[dict[str, Any], dict[str, float]]:
+    """`--method auto`: quantise with each calibration method on (1 - holdout) of the images and keep the one whose
+    int8 embeddings are closest (mean cosine) to fp32 on the held-out images. Returns (info, {method: cosine})."""
+    from quantize.calib import preprocess
+
+    n_hold = max(1, int(round(len(calib_images) * holdout)))
+    if len(calib_images) - n_hold < 1:
+        raise FacekdError(f"--method auto needs at least 2 calibration images, got {len(calib_images)}")
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(calib_images))
+    hold, fit = calib_images[order[:n_hold]], calib_images[order[n_hold:]]
+    pre = kwargs.get("preprocessing") or read_preprocessing(src)
+    x = preprocess(hold, pre)
+    ref = raw_embeddings(src, x)
+    scores: dict[str, float] = {}
+    best: tuple[float, str, dict[str, Any]] | None = None
+    with tempfile.TemporaryDirectory(prefix="facekd-auto-") as tmp:
+        for method in METHODS[:-1]:
+            cand = Path(tmp) / f"{method}.onnx"
+            info = quantize_onnx(src, cand, fit, method=method, **kwargs)
+            scores[method] = float(cosine_rows(ref, raw_embeddings(cand, x)).mean())
+            log(f"method {method}: mean cosine fp32 vs int8 on {n_hold} held-out calibration images = "
+                f"{scores[method]:.5f}")
+            if best is None or scores[method] > best[0]:
+                best = (scores[method], method, info)
+                shutil.copyfile(cand, Path(tmp) / "best.onnx")
+        assert best is not None
+        with atomic_path(dst) as tmp_dst:
+            shutil.copyfile(Path(tmp) / "best.onnx", tmp_dst)
+    info = {**best[2], "auto": {"scores": scores, "chosen": best[1], "held_out_images": n_hold}}
+    return info, scores
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+def profile_ops(path: str | Path, runs: int = 50, seed: int = 0) -> dict[str, Any]:
+    """Where the time goes: onnxruntime's profiler (1 thread), kernel time per op type in ms per inference."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="facekd-prof-") as tmp:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "prof")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        inp = session.get_inputs()[0]
+        shape = [1 if not isinstance(d, int) else d for d in inp.shape]
+        x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        for _ in range(5):
+            session.run(None, {inp.name: x})
+        # profile only the timed runs: restart the profiler by opening a second session is costly; subtract warm-up
+        for _ in range(runs):
+            session.run(None, {inp.name: x})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for e in events:
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1000.0
+            counts[op] = counts.get(op, 0) + 1
+    total_runs = runs + 5
+    per_op = {k: round(v / total_runs, 4) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])}
+    return {"ms_per_op_type": per_op, "nodes_per_op_type": {k: counts[k] // total_runs for k in per_op},
+            "kernel_ms_total": round(sum(per_op.values()), 4), "runs": total_runs, "threads": 1}
+
+
+def fidelity_report(fp32: str | Path, int8: str | Path, vset: Any, *, runs: int = 100, flip: bool = True,
+                    profile: bool = True, log=print) -> dict[str, Any]:
+    """fp32 vs int8 on a verification set: embedding cosine (mean, 1st percentile), verification metrics of both,
+    file sizes, host latency of both measured side by side (interleaved, 1 thread) and the per-op profile."""
+    from evaluate.embed import OnnxEmbedder, embed_images
+    from evaluate.latency import measure_latency, system_info
+    from evaluate.metrics import verification_metrics
+
+    fp32, int8 = Path(fp32), Path(int8)
+    emb, metrics = {}, {}
+    for key, path in (("fp32", fp32), ("int8", int8)):
+        emb[key] = embed_images(OnnxEmbedder(path), vset.images, flip=flip)
+        m = verification_metrics(emb[key], vset.issame, nfolds=getattr(vset, "nfolds", 10))
+        metrics[key] = {k: v for k, v in m.items() if k != "roc"}
+        log(f"{key}: {vset.name} accuracy {m['accuracy']:.4f} +- {m['std']:.4f}")
+    cos = cosine_rows(emb["fp32"], emb["int8"])
+    sizes = {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}
+    report: dict[str, Any] = {
+        "dataset": vset.name, "images": int(len(vset.images)), "pairs": int(len(vset.issame)), "flip": flip,
+        "cosine": {"mean": float(cos.mean()), "p1": float(np.percentile(cos, 1)), "min": float(cos.min())},
+        "metrics": metrics,
+        "accuracy_drop_points": 100.0 * (metrics["fp32"]["accuracy"] - metrics["int8"]["accuracy"]),
+        "file_bytes": sizes, "size_ratio": sizes["int8"] / sizes["fp32"],
+    }
+    if runs > 0:
+        lat = measure_latency([fp32, int8], threads=(1,), runs=runs, warmup=10)
+        report["latency"] = {
+            "fp32_ms": lat[0]["median_ms"], "int8_ms": lat[1]["median_ms"],
+            "int8_over_fp32": lat[1]["median_ms"] / lat[0]["median_ms"],
+            "speedup": lat[0]["median_ms"] / lat[1]["median_ms"],
+            "settings": f"onnxruntime {_ort_version()} CPU, batch 1, intra_op_num_threads=1, 10 warm-up, {runs} "
+                        "runs each interleaved (fp32, int8, fp32, ...), median",
+            "host": system_info(),
+        }
+    if profile:
+        report["profile"] = {"fp32": profile_ops(fp32), "int8": profile_ops(int8)}
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    m = r["metrics"]
+    lines = [f"fidelity on {r['dataset']} ({r['pairs']} pairs, {r['images']} images, flip={r['flip']}):",
+             f"  cosine fp32 vs int8: mean {r['cosine']['mean']:.5f}  p1 {r['cosine']['p1']:.5f}  "
+             f"min {r['cosine']['min']:.5f}",
+             f"  accuracy: fp32 {m['fp32']['accuracy']:.4f}  int8 {m['int8']['accuracy']:.4f}  "
+             f"(drop {r['accuracy_drop_points']:+.2f} points)",
+             f"  file: fp32 {r['file_bytes']['fp32'] / 1e6:.3f} MB  int8 {r['file_bytes']['int8'] / 1e6:.3f} MB  "
+             f"({100 * r['size_ratio']:.1f}%)"]
+    if "latency" in r:
+        lat = r["latency"]
+        lines.append(f"  latency: fp32 {lat['fp32_ms']:.2f} ms  int8 {lat['int8_ms']:.2f} ms  "
+                     f"(int8/fp32 {lat['int8_over_fp32']:.2f}, {lat['speedup']:.2f}x faster) [{lat['settings']}; "
+                     f"{lat['host'].get('cpu', '')}]")
+    if "profile" in r:
+        for key in ("fp32", "int8"):
+            p = r["profile"][key]
+            top = ", ".join(f"{k} {v:.2f}" for k, v in list(p["ms_per_op_type"].items())[:6])
+            lines.append(f"  profile {key} (kernel ms/inference, 1 thread): total {p['kernel_ms_total']:.2f}: {top}")
+    return "\n".join(lines)
+
+
+def results_rows(report: dict[str, Any], *, arch: str, run: str, int8_path: Path, params: int | None = None,
+                 macs: int | None = None, embedding_dim: int | None = None) -> list[dict[str, Any]]:
+    """The int8 row of `results/summary.csv` (stage int8) from a fidelity report."""
+    from facekd.table import model_row
+
+    lat = report.get("latency") or {}
+    host = lat.get("host") or {}
+    cpu = f"{host.get('cpu', '')} x{host.get('cores', '')} {host.get('arch', '')}".strip() if host else None
+    metrics = report["metrics"]["int8"]
+    return [model_row("int8", arch, run, dataset=report["dataset"], metrics=metrics, kd="",
+                      params=params, macs=macs, file_bytes=report["file_bytes"]["int8"],
+                      embedding_dim=embedding_dim, host_latency_ms=lat.get("int8_ms"), host_cpu=cpu,
+                      hardware="cpu (post-training quantisation, no training)", artifact=str(int8_path))]
+
+
+def _write_results(rows: list[dict[str, Any]], path: str, log=print) -> None:
+    try:
+        from facekd import table
+    except ImportError:  # TODO: facekd.table is the coordinator's; skip until it lands
+        log("facekd.table not available; results row not written")
+        return
+    writer = getattr(table, "upsert_rows", None) or getattr(table, "append_rows")
+    writer(rows, path)
+    log(f"results: {len(rows)} row(s) -> {path}")
+
+
+def _run_name(model: Path) -> str:
+    parts = model.resolve().parts
+    if "runs" in parts and parts.index("runs") + 1 < len(parts) - 1:
+        return parts[parts.index("runs") + 1]
+    return model.stem
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m quantize.ptq", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="facekd checkpoint (.safetensors; exported to ONNX first) or an ONNX model")
+    p.add_argument("--arch", help="architecture for checkpoints without facekd metadata")
+    p.add_argument("--calib", default="synthfaces",
+                   help="calibration images: synthfaces[:small|:tiny] (train split), an image folder of aligned "
+                        "112x112 RGB crops, a .bin, a .npy, or bnstats (data-free; needs a facekd checkpoint)")
+    p.add_argument("--num-calib", type=int, default=512, help="number of calibration images (default 512)")
+    p.add_argument("--method", default="minmax", help=f"calibration method: {', '.join(METHODS)} (default minmax)")
+    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-channel weight scales (default on)")
+    p.add_argument("--format", default="qoperator",
+                   help="qoperator (default: QLinearConv with int32 bias, 28%% of fp32 size) or qdq (QuantizeLinear/"
+                        "DequantizeLinear pairs; same speed and numerics, ~31%% size, portable to other EPs)")
+    p.add_argument("--activations", default="u8", help="u8 (default; see module doc) or s8")
+    p.add_argument("--prelu-rewrite", action=argparse.BooleanOptionalAction, default=True,
+                   help="rewrite PReLU as Max of two int8 convs (default on; exact in float)")
+    p.add_argument("--keep-float", nargs="*", default=[],
+                   help="node names (or 'first' / 'last' weighted layer) left in float")
+    p.add_argument("--bnstats-steps", type=int, default=200, help="optimisation steps per bnstats batch")
+    p.add_argument("--eval", default="synthfaces", help="verification set for the fidelity report "
+                   "(default synthfaces; 'none' skips it)")
+    p.add_argument("--runs", type=int, default=100, help="timed runs per model for the latency ratio (0 skips)")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-op onnxruntime profile")
+    p.add_argument("--compare", action="store_true", help="also print the quantisation-options table "
+                   "(python -m quantize.bench)")
+    p.add_argument("--out", help="output directory (default: <model dir>/../int8 for runs/NAME/STAGE/, "
+                   "else <model dir>/int8)")
+    p.add_argument("--run", help="run name for results/summary.csv (default from runs/NAME/...)")
+    p.add_argument("--results", default="results/summary.csv", help="results table ('none' skips)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def calibration_images(spec: str, num: int, *, torch_model: Any, seed: int = 0, bnstats_steps: int = 200,
+                       log=print) -> np.ndarray:
+    """Images for calibration: loaded from `spec`, or synthesised from the checkpoint for `bnstats`."""
+    from quantize.calib import load_calibration_images
+
+    if spec != "bnstats":
+        return load_calibration_images(spec, num, seed=seed)
+    if torch_model is None:
+        raise FacekdError("--calib bnstats needs a facekd checkpoint (BatchNorm statistics live there); a plain "
+                          "ONNX model has them folded away. Pass the .safetensors checkpoint instead")
+    from quantize.bnstats import bn_match_error, synthesize
+
+    t0 = time.perf_counter()
+    images = synthesize(torch_model, num, steps=bnstats_steps, seed=seed)
+    log(f"bnstats: synthesised {len(images)} images in {time.perf_counter() - t0:.0f} s; BN statistics error "
+        f"{bn_match_error(torch_model, images[:64]):.4f}")
+    return images
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_choice(args.method, METHODS, "--method")
+    check_choice(args.format, FORMATS, "--format")
+    check_choice(args.activations, ACTIVATIONS, "--activations")
+    if args.num_calib < 1:
+        raise FacekdError(f"--num-calib must be >= 1, got {args.num_calib}")
+    model = Path(args.model)
+    if not model.is_file():
+        raise FacekdError(f"model not found: {model}")
+    if args.calib == "bnstats" and model.suffix.lower() == ".onnx":
+        raise FacekdError("--calib bnstats needs a facekd checkpoint (BatchNorm statistics live there); a plain "
+                          "ONNX model has them folded away. Pass the .safetensors checkpoint instead")
+    out = Path(args.out) if args.out else (model.parent.parent / "int8" if "runs" in model.resolve().parts
+                                           else model.parent / "int8")
+    out.mkdir(parents=True, exist_ok=True)
+    vset = None
+    if args.eval != "none":  # fail fast on a bad --eval before minutes of calibration
+        from facedata import open_verification_set
+        vset = open_verification_set(args.eval)
+    fp32, torch_model = prepare_float_model(model, out, arch=args.arch)
+    images = calibration_images(args.calib, args.num_calib, torch_model=torch_model, seed=args.seed,
+                                bnstats_steps=args.bnstats_steps)
+    int8 = out / "model_int8.onnx"
+    kwargs = dict(per_channel=args.per_channel, fmt=args.format, activations=args.activations,
+                  rewrite_prelu=args.prelu_rewrite, keep_float=args.keep_float)
+    t0 = time.perf_counter()
+    if args.method == "auto":
+        info, _ = choose_method(fp32, int8, images, **kwargs)
+    else:
+        info = quantize_onnx(fp32, int8, images, method=args.method, **kwargs)
+    info["calib"] = args.calib
+    print(f"quantised {fp32.name} -> {int8} in {time.perf_counter() - t0:.0f} s ({info['method']}, {args.format}, "
+          f"{args.activations} activations, PReLU rewritten: {info.get('prelu', {}).get('rewritten', 0)})")
+    report: dict[str, Any] = {"fp32": str(fp32), "int8": str(int8), "quantization": info, "provenance": provenance()}
+    if vset is not None:
+        report.update(fidelity_report(fp32, int8, vset, runs=args.runs, profile=not args.no_profile))
+        print(format_report(report))
+    atomic_write_json(out / "fidelity.json", report)
+    print(f"wrote {out / 'fidelity.json'}")
+    write_manifest(out, "int8", {k: v for k, v in vars(args).items() if k not in ("out",)},
+                   inputs={"model": str(model)}, fidelity=report.get("cosine"))
+    if vset is not None and args.results != "none":
+        arch = (torch_model is not None and getattr(torch_model, "arch", None)) or _arch_of(fp32)
+        params = macs = None
+        if torch_model is not None:  # int8 keeps the float model's parameter and multiply-add counts
+            from facekd.models import count_macs, count_params
+            params, macs = count_params(torch_model), count_macs(torch_model)
+        dim = (torch_model is not None and getattr(torch_model, "embedding_dim", None)) or None
+        _write_results(results_rows(report, arch=arch, run=args.run or _run_name(model), int8_path=int8,
+                                    params=params, macs=macs, embedding_dim=dim), args.results)
+    if args.compare:
+        from quantize.bench import compare
+
+        compare(fp32, images, vset, runs=args.runs)
+    return 0
+
+
+def _arch_of(path: Path) -> str:
+    try:
+        from facekd.models import read_onnx_metadata
+
+        return str((read_onnx_metadata(path) or {}).get("arch") or path.stem)
+    except Exception:
+        return path.stem
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
