@@ -10,6 +10,7 @@ themselves and rebuild without pickles.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
@@ -17,7 +18,7 @@ import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -332,17 +333,21 @@ def count_macs(model: nn.Module, input_size: tuple[int, int] | None = None) -> i
     from torch.utils.flop_counter import FlopCounterMode
 
     h, w = input_size or model.input_size
+    with _evaluating(model) as device, torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, h, w, device=device))
+    return int(counter.get_total_flops() // 2)
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[torch.device]:
+    """Eval mode inside the block, the previous mode after it; yields the device of the model's parameters."""
     param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
     try:
-        x = torch.zeros(1, 3, h, w, device=device)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
+        yield param.device if param is not None else torch.device("cpu")
     finally:
         model.train(was_training)
-    return int(counter.get_total_flops() // 2)
 
 
 # ----------------------------------------------------------------------------------------------- ONNX
@@ -363,25 +368,17 @@ def export_onnx(model: nn.Module, path: str | Path, *, opset: int = 17, metadata
         "input_size": list(model.input_size), "preprocessing": model.preprocessing}
     description.update(metadata or {})
     h, w = model.input_size
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    try:
-        dummy = torch.zeros(2, 3, h, w, device=device)
-        with atomic_path(path) as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (dummy,), str(tmp), input_names=["input"], output_names=["embedding"],
-                              dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
-                              opset_version=opset, do_constant_folding=True, dynamo=False)
-            proto = onnx.load(str(tmp))
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(description, sort_keys=True)
-            proto.producer_name = "facekd"
-            onnx.checker.check_model(proto)
-            onnx.save(proto, str(tmp))
-    finally:
-        model.train(was_training)
+    with _evaluating(model) as device, atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, h, w, device=device),), str(tmp), input_names=["input"],
+                          output_names=["embedding"], dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+        proto = onnx.load(str(tmp))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(description, sort_keys=True)
+        proto.producer_name = "facekd"
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
     return path
 
 

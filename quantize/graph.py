@@ -150,6 +150,16 @@ def _fold_signs(graph: onnx.GraphProto, inits: dict, conv: onnx.NodeProto, prelu
     return True
 
 
+def _prelu_max_inputs(node: onnx.NodeProto, producers: dict, consumers: dict) -> list[onnx.NodeProto] | None:
+    """The DequantizeLinear nodes feeding a PReLU-made Max/Min, each read by it alone; None for any other node."""
+    if not node.name.endswith(PRELU_TAG) or node.op_type not in ("Max", "Min"):
+        return None
+    dqs = [producers.get(i) for i in node.input]
+    if not all(d is not None and d.op_type == "DequantizeLinear" and len(consumers[d.output[0]]) == 1 for d in dqs):
+        return None
+    return dqs
+
+
 def fuse_int8_max(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """In a QDQ model, run each PRelu-made Max/Min on the 8-bit tensors: DQ->Max->Q becomes Max on (u)int8.
 
@@ -164,10 +174,8 @@ def fuse_int8_max(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     remove: set[int] = set()
     fused = 0
     for node in graph.node:
-        if not node.name.endswith(PRELU_TAG) or node.op_type not in ("Max", "Min"):
-            continue
-        dqs = [producers.get(i) for i in node.input]
-        if not all(d is not None and d.op_type == "DequantizeLinear" and len(consumers[d.output[0]]) == 1 for d in dqs):
+        dqs = _prelu_max_inputs(node, producers, consumers)
+        if dqs is None:
             continue
         qs = [producers.get(d.input[0]) for d in dqs]
         outs = consumers[node.output[0]]
@@ -403,10 +411,8 @@ def fuse_int8_max_qoperator(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
     remove: set[int] = set()
     fused = 0
     for node in graph.node:
-        if not node.name.endswith(PRELU_TAG) or node.op_type not in ("Max", "Min"):
-            continue
-        dqs = [producers.get(i) for i in node.input]
-        if not all(d is not None and d.op_type == "DequantizeLinear" and len(consumers[d.output[0]]) == 1 for d in dqs):
+        dqs = _prelu_max_inputs(node, producers, consumers)
+        if dqs is None:
             continue
         convs = [producers.get(d.input[0]) for d in dqs]
         if not all(c is not None and c.op_type == "QLinearConv" and len(consumers[c.output[0]]) == 1 for c in convs):
