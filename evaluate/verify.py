@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--std", type=float, nargs="+", help="override std, pixel units (1 or 3 values)")
     parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="override the input size")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--results", metavar="CSV", help="also write one row per set into this results table")
+    parser.add_argument("--stage", default="teacher", help="stage of the rows written with --results "
+                        "(teacher, student, pruned, int8)")
+    parser.add_argument("--run", default="verify", help="run name of the rows written with --results")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or (args.nfolds is not None and args.nfolds < 1):
         raise FacekdError("--batch-size and --nfolds must be >= 1")
@@ -163,6 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(results))
         if args.roc:
             print(f"ROC curves: {args.roc}")
+    if args.results:
+        from facekd import table
+
+        artifact = Path(args.model)
+        cells = {"embedding_dim": embedder.embedding_dim, "hardware": "evaluation only (no training here)"}
+        if artifact.is_file():
+            cells.update(artifact=str(artifact), file_bytes=artifact.stat().st_size)
+        name = args.arch or (artifact.stem if artifact.is_file() else args.model)
+        table.upsert_rows([table.model_row(args.stage, name, args.run, dataset=set_name, metrics=metrics, **cells)
+                           for set_name, metrics in results.items()], args.results)
+        print(f"results: {len(results)} row(s) -> {args.results}")
     sys.stdout.flush()
     return 0
 

@@ -165,6 +165,16 @@ def test_verify_cli_end_to_end_on_insightface_bin(bin_files, capsys, tmp_path):
     table = capsys.readouterr().out
     assert "flip: no" in table and "1.00000 +- 0.00000" in table and "TAR@FAR=1e-3" in table
 
+    # --results writes one row per set into the results table
+    from facekd.table import read_table
+
+    summary = root / "summary.csv"
+    assert main([str(root / "tiny.onnx"), str(root / "pairs.bin"), "--quiet", "--threads", "1",
+                 "--results", str(summary), "--stage", "teacher", "--run", "demo"]) == 0
+    rows = read_table(summary)
+    assert list(rows["dataset"]) == ["pairs"] and rows.loc[0, "stage"] == "teacher"
+    assert rows.loc[0, "accuracy"] == 1.0 and rows.loc[0, "file_bytes"] == (root / "tiny.onnx").stat().st_size
+
 
 def test_evaluate_sets_writes_rocs_and_names_duplicates(bin_files, tmp_path):
     root, pairs = bin_files
