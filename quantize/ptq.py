@@ -357,6 +357,22 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _float_model_on_meta(path: Path):
+    """The float model a facekd-exported ONNX file came from, rebuilt on the meta device (no memory), or None."""
+    import torch
+
+    from facekd.models import create_model, read_onnx_metadata
+
+    meta = read_onnx_metadata(path) or {}
+    if not meta.get("arch"):
+        return None
+    try:
+        with torch.device("meta"):
+            return create_model(meta["arch"], **(meta.get("kwargs") or {}))
+    except Exception:  # a foreign or renamed architecture: the counts stay empty rather than wrong
+        return None
+
+
 def results_rows(report: dict[str, Any], *, arch: str, run: str, int8_path: Path, params: int | None = None,
                  macs: int | None = None, embedding_dim: int | None = None) -> list[dict[str, Any]]:
     """The int8 row of `results/summary.csv` (stage int8) from a fidelity report."""
@@ -490,11 +506,12 @@ def main(argv: list[str] | None = None) -> int:
                    inputs={"model": str(model)}, fidelity=report.get("cosine"))
     if vset is not None and args.results != "none":
         arch = (torch_model is not None and getattr(torch_model, "arch", None)) or _arch_of(fp32)
-        params = macs = None
-        if torch_model is not None:  # int8 keeps the float model's parameter and multiply-add counts
+        float_model = torch_model if torch_model is not None else _float_model_on_meta(fp32)
+        params = macs = dim = None
+        if float_model is not None:  # int8 keeps the float model's parameter and multiply-add counts
             from facekd.models import count_macs, count_params
-            params, macs = count_params(torch_model), count_macs(torch_model)
-        dim = (torch_model is not None and getattr(torch_model, "embedding_dim", None)) or None
+            params, macs = count_params(float_model), count_macs(float_model)
+            dim = getattr(float_model, "embedding_dim", None)
         _write_results(results_rows(report, arch=arch, run=args.run or _run_name(model), int8_path=int8,
                                     params=params, macs=macs, embedding_dim=dim), args.results)
     if args.compare:
