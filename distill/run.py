@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_info = (resolve_teacher(args, dataset, out, preset, device) if any(kd_settings)
                     else {"weights": None, "cache": None, "how": "none (--kd none)"})
     print(f"teacher: {args.teacher} from {teacher_info['how']}")
-    command = " ".join(["python -m distill.run", *(argv if argv is not None else __import__("sys").argv[1:])])
+    command = " ".join(["python -m distill.run", *(argv if argv is not None else sys.argv[1:])])
     summary = []
     for kd in kd_settings:
         label = kd_label(kd)

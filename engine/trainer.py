@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import time
@@ -201,7 +200,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        cfg, dev = self.cfg, self.device
+        dev = self.device
         own_group = self.world > 1 and not dist.is_initialized()
         if own_group:
             if dev.type == "cuda":

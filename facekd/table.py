@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from facekd import __version__
-from facekd.io import FacekdError, atomic_write_text, git_commit, provenance
+from facekd.io import FacekdError, atomic_write_text, provenance
 
 DEFAULT_PATH = Path(os.environ.get("FACEKD_RESULTS", "results/summary.csv"))
 

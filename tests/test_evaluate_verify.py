@@ -138,7 +138,7 @@ def bin_files(tmp_path_factory):
             faces[2 * i + 1] = faces[2 * i]
     write_bin(root / "pairs.bin", faces, issame)
     write_bin(root / "shuffled.bin", faces, rng.permutation(issame).tolist())
-    model = write_onnx(root / "tiny.onnx", weights(3), metadata={"preprocessing": {
+    write_onnx(root / "tiny.onnx", weights(3), metadata={"preprocessing": {
         "input_size": [112, 112], "channel_order": "RGB", "mean": [127.5] * 3, "std": [127.5] * 3},
         "embedding_dim": DIM, "arch": "tiny"})
     return root, pairs

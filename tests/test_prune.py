@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -214,7 +215,7 @@ def test_prune_run_end_to_end_and_resume(student, tmp_path, capsys):
             "--preset", "smoke", "--data", "synthfaces:tiny", "--val", "synthfaces:tiny", "--kd", "none",
             "--device", "cpu", "--latency-runs", "5", "--results", str(results)]
     assert main(argv) == 0
-    metrics = __import__("json").loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["pruned"]["macs"] == count_macs(prune_model(copy.deepcopy(student), PruneConfig(ratio=0.2)))
     assert metrics["macs_ratio"] < 0.7
     assert set(metrics["accuracy"]) == {"unpruned", "pruned_before_last_finetune", "pruned_finetuned"}
