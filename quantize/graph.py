@@ -100,10 +100,7 @@ def prelu_to_minmax(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
         new_nodes.extend(replaced.get(id(node), [node]))
     del graph.node[:]
     graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _drop_unused_initializers(graph)
     return model, report
 
 
@@ -148,6 +145,21 @@ def _fold_signs(graph: onnx.GraphProto, inits: dict, conv: onnx.NodeProto, prelu
         inits[new_r.name] = new_r
         r.input[1] = new_r.name
     return True
+
+
+def _drop_nodes(graph: onnx.GraphProto, remove: set[int]) -> None:
+    """Remove the nodes whose id() is in `remove`, keeping the others in order."""
+    keep = [n for n in graph.node if id(n) not in remove]
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove initializers no node reads any more."""
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def _prelu_max_inputs(node: onnx.NodeProto, producers: dict, consumers: dict) -> list[onnx.NodeProto] | None:
@@ -214,14 +226,9 @@ def fuse_int8_max(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             n.input[0] = node.output[0]
         remove.update({id(dqs[0]), id(dqs[1]), *(id(o) for o in outs)})
         fused += 1
-    keep_nodes = [n for n in graph.node if id(n) not in remove]
-    del graph.node[:]
-    graph.node.extend(keep_nodes)
+    _drop_nodes(graph, remove)
     requantize_biases(model)
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _drop_unused_initializers(graph)
     # value_info for removed float tensors would now be stale
     names = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     vi = [v for v in graph.value_info if v.name in names]
@@ -320,10 +327,7 @@ def share_twin_weights(model: onnx.ModelProto) -> int:
                 dq_t.input[0] = dq_o.input[0]
                 shared += slot == 1
     drop_zero_points(model)
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _drop_unused_initializers(graph)
     return shared
 
 
@@ -346,10 +350,7 @@ def drop_zero_points(model: onnx.ModelProto) -> int:
             continue
         del node.input[2]
         dropped += 1
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _drop_unused_initializers(graph)
     return dropped
 
 
@@ -456,9 +457,7 @@ def fuse_int8_max_qoperator(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
                     r.input[8] = b_name
         remove.update({id(dqs[0]), id(dqs[1]), *(id(o) for o in outs)})
         fused += 1
-    keep_nodes = [n for n in graph.node if id(n) not in remove]
-    del graph.node[:]
-    graph.node.extend(keep_nodes)
+    _drop_nodes(graph, remove)
     # twins share the original's int8 weights and int32 bias when they are the same integers (slopes > 0)
     by_name = {n.name: n for n in graph.node}
     inits = {t.name: t for t in graph.initializer}
@@ -476,10 +475,7 @@ def fuse_int8_max_qoperator(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
             a, b = numpy_helper.to_array(inits[twin.input[slot]]), numpy_helper.to_array(inits[orig.input[slot]])
             if a.shape == b.shape and a.dtype == b.dtype and np.abs(a.astype(np.int64) - b).max(initial=0) <= 1:
                 twin.input[slot] = orig.input[slot]
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _drop_unused_initializers(graph)
     return model, fused
 
 
@@ -506,8 +502,5 @@ def share_zero_weight_zero_points(model: onnx.ModelProto) -> int:
             shared[zp.data_type] = name
         node.input[5] = shared[zp.data_type]
         count += 1
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _drop_unused_initializers(graph)
     return count
