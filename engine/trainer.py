@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from facekd.io import FacekdError, atomic_torch_save, atomic_write_json, atomic_write_text, fingerprint, provenance
+from facekd.models import load_state_dict_strict
 
 CHECKPOINT_FORMAT = "facekd-train-checkpoint/1"
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -392,10 +393,10 @@ class Trainer:
         step = int(state["step"])
         if step > self.cfg.steps:
             raise FacekdError(f"{path} is at step {step}, beyond steps={self.cfg.steps}; raise --steps")
-        _load_strict(self.model, state["model"], f"{path} (model)")
-        _load_strict(self.objective, state["objective"], f"{path} (objective)")
+        load_state_dict_strict(self.model, state["model"], f"{path} (model)")
+        load_state_dict_strict(self.objective, state["objective"], f"{path} (objective)")
         if self.ema_model is not None:
-            _load_strict(self.ema_model, state["ema"], f"{path} (ema)")
+            load_state_dict_strict(self.ema_model, state["ema"], f"{path} (ema)")
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -474,24 +475,6 @@ class Trainer:
         }
         atomic_write_json(self.out / "metrics.json", metrics)
         return metrics
-
-
-def _load_strict(module: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
-    try:
-        from facekd.models import load_state_dict_strict
-    except ImportError:
-        load_state_dict_strict = None
-    if load_state_dict_strict is not None:
-        load_state_dict_strict(module, state_dict, source)
-        return
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
-    if missing or unexpected or shapes:
-        raise FacekdError(f"{source} does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
-                          f"mis-shaped {shapes[:8]}")
-    module.load_state_dict(state_dict)
 
 
 def _default_preprocessing() -> dict[str, Any]:

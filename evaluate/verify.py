@@ -74,10 +74,8 @@ def _open_set(spec: str):
     if not spec.startswith("synthfaces") and not Path(spec).exists():
         raise FacekdError(f"verification set not found: {spec} (give an insightface .bin, an LFW folder with "
                           "pairs.txt, or synthfaces / synthfaces:tiny / synthfaces:small)")
-    try:
-        from facedata import open_verification_set
-    except ImportError as err:
-        raise FacekdError(f"facedata.open_verification_set is not available ({err})") from None
+    from facedata import open_verification_set
+
     return open_verification_set(spec)
 
 
@@ -107,10 +105,8 @@ def load_model(model: str, *, arch: str | None = None, device: str = "cpu", thre
         from evaluate.embed import OnnxEmbedder  # imported here: torch is slow to import, errors above are not
 
         return OnnxEmbedder(path, overrides or None, threads=threads)
-    try:
-        from facekd.models import load_embedder
-    except ImportError as err:
-        raise FacekdError(f"cannot load {model}: facekd.models is not available ({err})") from None
+    from facekd.models import load_embedder
+
     embedder = load_embedder(model, arch=arch, device=device)
     if overrides:
         from facedata.transforms import check_preprocessing

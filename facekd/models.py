@@ -409,10 +409,7 @@ def load_embedder(path_or_name: str, *, arch: str | None = None, device: str = "
     registered names (random weights; for smoke tests). `kwargs` go to the model builder (e.g. the
     `embedding_dim` of a `.pth` whose arch default differs).
     """
-    try:
-        from evaluate.embed import OnnxEmbedder, TorchEmbedder
-    except ImportError as err:
-        raise FacekdError(f"evaluate.embed is not available ({err})") from None
+    from evaluate.embed import OnnxEmbedder, TorchEmbedder
     target = str(path_or_name)
     if target.endswith(".onnx") and Path(target).is_file():
         from teachers.onnx_teacher import runnable_onnx  # repairs old exports (weights as inputs, batch fixed to 1)

@@ -389,13 +389,9 @@ def results_rows(report: dict[str, Any], *, arch: str, run: str, int8_path: Path
 
 
 def _write_results(rows: list[dict[str, Any]], path: str, log=print) -> None:
-    try:
-        from facekd import table
-    except ImportError:  # TODO: facekd.table is the coordinator's; skip until it lands
-        log("facekd.table not available; results row not written")
-        return
-    writer = getattr(table, "upsert_rows", None) or getattr(table, "append_rows")
-    writer(rows, path)
+    from facekd import table
+
+    table.upsert_rows(rows, path)
     log(f"results: {len(rows)} row(s) -> {path}")
 
 

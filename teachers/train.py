@@ -110,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _append_results(args: argparse.Namespace, out: Path, model, model_path: Path, metrics: dict) -> None:
-    try:
-        from facekd import table
-    except ImportError:  # TODO: facekd.table is the coordinator's; rows are skipped until it exists
-        return
+    from facekd import table
     from facekd.models import count_macs
 
     run = out.parent.name if out.name == "teacher" else out.name
