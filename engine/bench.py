@@ -35,7 +35,7 @@ class RandomFaces(torch.utils.data.Dataset):
 
 
 def measure(arch: str, batch_size: int, steps: int, warmup: int, device: str = "auto", amp: str = "auto",
-            workers: int = 0) -> dict:
+            workers: int = 0, channels_last: str = "auto") -> dict:
     from engine.margin import MarginHead, MarginObjective
     from engine.trainer import TrainConfig, Trainer, hardware_label
     from facekd.models import create_model
@@ -50,7 +50,7 @@ def measure(arch: str, batch_size: int, steps: int, warmup: int, device: str = "
             continue
         with tempfile.TemporaryDirectory() as tmp:
             cfg = TrainConfig(steps=n, batch_size=batch_size, lr=0.01, ckpt_every=10 ** 9, log_every=1,
-                              workers=workers, device=device, amp=amp, out=tmp)
+                              workers=workers, device=device, amp=amp, channels_last=channels_last, out=tmp)
             trainer = Trainer(model, objective, data, cfg)
             cpu0, wall0 = time.process_time(), time.perf_counter()
             trainer.fit()
@@ -63,7 +63,8 @@ def measure(arch: str, batch_size: int, steps: int, warmup: int, device: str = "
             # CPU seconds of this process (all its threads) per image: less sensitive to other processes' load
             "images_per_cpu_s": round(steps * batch_size / cpu_s, 2) if trainer.device.type == "cpu" else None,
             "wall_s": round(wall_s, 1), "hardware": hardware_label(trainer.device),
-            "amp": str(trainer.amp_dtype), "load_avg_1min": round(os.getloadavg()[0], 2)}
+            "amp": str(trainer.amp_dtype), "channels_last": trainer.channels_last,
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
 @cli_main
@@ -75,15 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    p.add_argument("--channels-last", nargs="+", default=["auto"], choices=("auto", "on", "off"),
+                   help="memory format(s); several are measured one after the other per model (e.g. off on)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     results = []
     for arch in args.arch:
-        r = measure(arch, args.batch_size, args.steps, args.warmup, args.device, args.amp)
-        results.append(r)
-        print(f"{arch:>16}  batch {r['batch_size']:4d}  {r['images_per_s']:9.1f} images/s  "
-              f"{r['images_per_cpu_s']} images/cpu-s  "
-              f"({r['steps_timed']} steps, {r['hardware']}, amp {r['amp']}, load {r['load_avg_1min']})", flush=True)
+        for layout in args.channels_last:
+            r = measure(arch, args.batch_size, args.steps, args.warmup, args.device, args.amp,
+                        channels_last=layout)
+            results.append(r)
+            print(f"{arch:>16}  batch {r['batch_size']:4d}  channels_last {str(r['channels_last']):5}  "
+                  f"{r['images_per_s']:9.1f} images/s  {r['images_per_cpu_s']} images/cpu-s  "
+                  f"({r['steps_timed']} steps, {r['hardware']}, amp {r['amp']}, load {r['load_avg_1min']})",
+                  flush=True)
     if args.json:
         from facekd.io import atomic_write_json
 

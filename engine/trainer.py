@@ -55,7 +55,7 @@ class TrainConfig:
     grad_clip: float = 5.0           # max global L2 norm of the model's gradients (0 = off)
     amp: str = "auto"                # auto = bf16 on CUDA with bf16 support, else off
     ema: float = 0.0                 # 0 = off, else EMA decay (evaluated and saved instead of raw weights)
-    channels_last: str = "auto"      # auto = on for CUDA
+    channels_last: str = "auto"      # auto = on (CUDA and CPU); off = NCHW
     flip: bool = True                # random horizontal flip, decided per sample by the trainer
     ckpt_every: int = 500
     eval_every: int = 0              # 0 = evaluate only at the end
@@ -187,7 +187,8 @@ class Trainer:
         if amp != "off" and not cuda:
             raise FacekdError(f"amp {amp} needs CUDA; use amp off on CPU")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
+        # auto = on: measured faster on CPU too (engine.bench, 2-core Xeon, batch 64: MobileFaceNet +9-20%, r18 +31%)
+        self.channels_last = cfg.channels_last != "off"
         self.model, self.objective = model, objective
         self.preprocessing = dict(getattr(model, "preprocessing", None) or _default_preprocessing())
         self.out = Path(cfg.out)
@@ -330,7 +331,7 @@ class Trainer:
     def _evaluate(self, done: int) -> dict[str, Any]:
         if not self.val_sets or not self.is_main:
             return {}
-        from evaluate.embed import TorchEmbedder
+        from evaluate.embed import module_embedder
         from evaluate.verify import evaluate_sets
 
         model = self.ema_model if self.ema_model is not None else self.model
@@ -338,7 +339,7 @@ class Trainer:
         model.eval()
         try:
             with torch.no_grad():
-                results = evaluate_sets(TorchEmbedder(model, self.preprocessing, device=str(self.device)),
+                results = evaluate_sets(module_embedder(model, self.preprocessing, device=str(self.device)),
                                         self.val_sets, flip=True, progress=False)
         finally:
             model.train(was_training)
@@ -451,6 +452,9 @@ class Trainer:
         cfg = self.cfg
         if self._pending:
             self._flush(cfg.steps, _NullProgress())
+        for module in (self.model, self.ema_model):  # callers (export, pruning) get the usual memory layout back
+            if module is not None:
+                module.to(memory_format=torch.contiguous_format)
         if not self.is_main:
             return {}
         val = self._evaluate(cfg.steps)
@@ -460,11 +464,8 @@ class Trainer:
             from facekd.models import save_checkpoint
 
             model_path = self.out / "model.safetensors"
-            # plain contiguous CPU tensors for safetensors, whatever the training layout was
-            save_checkpoint(final.cpu().to(memory_format=torch.contiguous_format), model_path,
-                            arch=cfg.arch, kwargs=cfg.model_kwargs,
+            save_checkpoint(final, model_path, arch=cfg.arch, kwargs=cfg.model_kwargs,
                             extra={"train": {"steps": cfg.steps, "ema": cfg.ema, "fingerprint": self.fingerprint}})
-            final.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         rates = self._rates
         metrics = {
             "step": cfg.steps, "train": {k: v for k, v in self._last.items() if k not in ("step", "epoch")},

@@ -21,15 +21,15 @@ SUMMARY_KEYS = ("accuracy", "std", "tar_at_far", "auc", "eer", "pairs")
 
 
 def evaluate_sets(embedder, sets: Iterable[Any], flip: bool = True, batch_size: int = 256,
-                  roc_dir: str | Path | None = None, nfolds: int | None = None, progress: bool = True
-                  ) -> dict[str, dict]:
+                  roc_dir: str | Path | None = None, nfolds: int | None = None, progress: bool = True,
+                  cache: bool = False) -> dict[str, dict]:
     """Verification metrics of `embedder` on each set (objects with `name`, `images` (2P,H,W,3) uint8, `issame`).
 
     Folds: `nfolds` when given, else the set's own `nfolds` (LFW's pairs.txt header, SynthFaces' identity-disjoint
     folds), else 10. Returns `{set name: verification_metrics(...) plus "nfolds"}` (a repeated name gets a `#2`
-    suffix); with `roc_dir`, also writes `roc_dir/roc_<name>.png` per set.
+    suffix); with `roc_dir`, also writes `roc_dir/roc_<name>.png` per set. `cache`: see `evaluate.embed.embed_set`.
     """
-    from evaluate.embed import embed_images
+    from evaluate.embed import embed_set
 
     results: dict[str, dict] = {}
     for vset in sets:
@@ -39,7 +39,7 @@ def evaluate_sets(embedder, sets: Iterable[Any], flip: bool = True, batch_size: 
             unique, n = f"{name}#{n}", n + 1
         if len(vset.images) != 2 * len(vset.issame):
             raise FacekdError(f"set {name}: {len(vset.images)} images for {len(vset.issame)} pairs")
-        embeddings = embed_images(embedder, vset.images, batch_size=batch_size, flip=flip, progress=progress)
+        embeddings = embed_set(embedder, vset, batch_size=batch_size, flip=flip, progress=progress, cache=cache)
         folds = nfolds or int(getattr(vset, "nfolds", 10) or 10)
         results[unique] = verification_metrics(embeddings, vset.issame, nfolds=folds)
         results[unique]["nfolds"] = folds

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from facekd.io import FacekdError
+from facekd.io import FacekdError, sha256_file
 from facedata import formats, synthfaces
 from facedata.formats import BadImage, VerificationSet
 
@@ -238,10 +238,12 @@ def open_verification_set(spec: str, *, cache_dir: str | None = None) -> Verific
         name, settings = synthfaces.parse_spec(spec)
         data = synthfaces.load_split(settings, "val", cache_dir=cache_dir)
         return VerificationSet(name, np.asarray(data["images"]), data["issame"], identities=data["identities"],
-                               nfolds=settings.folds)
+                               nfolds=settings.folds, fingerprint=synthfaces.dataset_fingerprint(settings, "val"))
     path = Path(spec).expanduser()
     if path.suffix == ".bin":
-        return formats.read_bin(path)
+        vset = formats.read_bin(path)
+        vset.fingerprint = sha256_file(path)
+        return vset
     if path.is_dir() and (path / "pairs.txt").is_file():
         return formats.read_lfw(path)
     if not path.exists():

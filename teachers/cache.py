@@ -25,13 +25,15 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from facekd import __version__
 from facekd.io import FacekdError, _json_default, cli_main, read_manifest, sha256_file, write_manifest
 
 KIND = "teacher-cache"
 # What a cache's content depends on, in the order a mismatch is reported.
+# Not the facekd version: a shipped cache (teachers/zoo/) must outlive releases; CACHE_FORMAT changes instead when
+# what build_cache writes changes meaning.
 KEY_FIELDS = ("teacher_arch", "teacher_sha256", "dataset", "num_images", "preprocessing", "synthfaces_version",
-              "facekd_version")
+              "cache_format")
+CACHE_FORMAT = 1
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 DEFAULT_ROOT = Path("runs") / "teacher-cache"
 
@@ -49,7 +51,7 @@ def cache_key(*, teacher_arch: str, teacher_sha256: str | None, dataset: Any,
               preprocessing: dict | None) -> dict[str, Any]:
     """The full key of a cache. Readers may pass a subset (e.g. no sha256 when they look for any r100 cache)."""
     key = {"teacher_arch": teacher_arch, "teacher_sha256": teacher_sha256, **dataset_key(dataset),
-           "facekd_version": __version__}
+           "cache_format": CACHE_FORMAT}
     if preprocessing is not None:
         key["preprocessing"] = dict(preprocessing)
     return json.loads(json.dumps(key, default=_json_default))  # tuples -> lists: compares equal to the stored key
@@ -93,6 +95,10 @@ class TeacherCache:
         if mismatch:
             raise FacekdError(f"teacher cache {root} is stale: {mismatch}; rebuild it with `python -m teachers.cache` "
                               f"or remove the directory")
+        for name, sha in (manifest.get("files") or {}).items():  # shipped caches: catch truncated/LFS-pointer files
+            if not (root / name).is_file() or sha256_file(root / name) != sha:
+                raise FacekdError(f"teacher cache {root} is corrupt: {name} is missing or does not match the "
+                                  f"sha256 in its manifest")
         try:
             emb = np.load(root / "embeddings.npy", mmap_mode="r")
             centres = np.load(root / "centres.npy")
@@ -105,8 +111,12 @@ class TeacherCache:
         return cls(root, manifest, emb, centres)
 
     @classmethod
-    def find(cls, expect: dict[str, Any], candidates: Iterable[str | os.PathLike]) -> "TeacherCache | None":
-        """The first cache among `candidates` (directories, or parents of cache directories) matching `expect`."""
+    def find(cls, expect: dict[str, Any], candidates: Iterable[str | os.PathLike],
+             prefer: str | None = None) -> "TeacherCache | None":
+        """The first cache among `candidates` (directories, or parents of cache directories) matching `expect`;
+        with `prefer`, the one whose manifest fingerprint it is wins over earlier matches (a pruning fine-tune
+        wants the very cache its student was distilled with, not another teacher's cache of the same data)."""
+        first = None
         for cand in candidates:
             cand = Path(cand)
             if (cand / "manifest.json").is_file():
@@ -116,8 +126,10 @@ class TeacherCache:
             for d in dirs:
                 manifest = read_manifest(d) if (d / "manifest.json").is_file() else None
                 if manifest and manifest.get("kind") == KIND and not key_mismatch(manifest.get("key", {}), expect):
-                    return cls.open(d, expect)
-        return None
+                    if prefer is None or manifest.get("fingerprint") == prefer:
+                        return cls.open(d, expect)
+                    first = first or d
+        return cls.open(first, expect) if first is not None else None
 
     def lookup(self, indices: torch.Tensor | np.ndarray, flipped: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Teacher embeddings (B, D) float32 of training images `indices`, flipped where `flipped` is true."""
@@ -141,8 +153,12 @@ Embed = Callable[[np.ndarray], np.ndarray]  # uint8 NHWC RGB -> (B, D) float emb
 
 
 def build_cache(embed: Embed, dataset: Any, out: str | os.PathLike, *, key: dict[str, Any], batch_size: int = 128,
-                workers: int = 0, progress: bool = True, settings: dict[str, Any] | None = None) -> TeacherCache:
+                workers: int = 0, progress: bool = True, settings: dict[str, Any] | None = None,
+                extra: dict[str, Any] | None = None) -> TeacherCache:
     """Run `embed` over every image of `dataset` and its flip; write the cache to `out` atomically.
+
+    `extra` goes into the manifest as is (e.g. the teacher's verification accuracy); the manifest also lists the
+    sha256 of each array file, which `TeacherCache.open` checks.
 
     The directory appears complete or not at all: everything goes to a sibling temp dir that is renamed at the end.
     """
@@ -189,7 +205,9 @@ def build_cache(embed: Embed, dataset: Any, out: str | os.PathLike, *, key: dict
         write_manifest(tmp, KIND, settings or {}, inputs={"dataset": key.get("dataset"),
                                                           "teacher_sha256": key.get("teacher_sha256")},
                        key=key, embedding_dim=int(centres.shape[1]), num_classes=num_classes,
-                       seconds=round(time.perf_counter() - start, 2))
+                       seconds=round(time.perf_counter() - start, 2),
+                       files={name: sha256_file(tmp / name) for name in ("embeddings.npy", "centres.npy")},
+                       **(extra or {}))
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             os.replace(out, old)
@@ -198,6 +216,15 @@ def build_cache(embed: Embed, dataset: Any, out: str | os.PathLike, *, key: dict
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TeacherCache.open(out, key)
+
+
+def known_teacher_key(teacher: str) -> tuple[str, dict[str, Any]] | None:
+    """(sha256, preprocessing) of a teacher whose file is fixed and known without loading it (SFace), else None."""
+    if teacher != "sface":
+        return None
+    from teachers.onnx_teacher import SFACE_PREPROCESSING, SFACE_SHA256
+
+    return SFACE_SHA256, dict(SFACE_PREPROCESSING)
 
 
 def teacher_embedder(teacher: str, weights: str | None, device: str = "cpu") -> tuple[Embed, str, dict]:
@@ -210,13 +237,40 @@ def teacher_embedder(teacher: str, weights: str | None, device: str = "cpu") -> 
         embedder = models.load_embedder(weights, arch=teacher, device=device)
         sha = sha256_file(weights)
     elif teacher.startswith("onnx:") or teacher == "sface":
+        from teachers.onnx_teacher import sface_path
+
         embedder = models.load_embedder(teacher, device=device)
-        path = teacher[5:] if teacher.startswith("onnx:") else getattr(embedder, "path", None)
-        sha = sha256_file(path) if path and Path(path).is_file() else teacher
+        # the file as given, not the repaired copy onnxruntime runs: the key must not move when the repair does
+        sha = sha256_file(teacher[5:] if teacher.startswith("onnx:") else sface_path())
     else:
         raise FacekdError(f"teacher {teacher!r} needs --teacher-weights (a facekd checkpoint or an insightface "
                           f"backbone.pth); random weights teach nothing")
     return embedder, sha, dict(embedder.preprocessing)
+
+
+def teacher_accuracy(embed: Any, specs: list[str], *, teacher: str) -> dict[str, dict]:
+    """{set: {accuracy, std, pairs, tar_at_far}} of the teacher (insightface protocol, image + flip)."""
+    from evaluate.verify import evaluate_sets
+    from facedata import open_verification_set
+
+    metrics = evaluate_sets(embed, [open_verification_set(spec) for spec in specs])
+    for name, m in metrics.items():
+        print(f"teacher {teacher} on {name}: accuracy {m['accuracy']:.4f} +- {m['std']:.4f} ({m['pairs']} pairs)")
+    return {name: {"accuracy": m["accuracy"], "std": m["std"], "pairs": m["pairs"], "tar_at_far": m["tar_at_far"]}
+            for name, m in metrics.items()}
+
+
+def teacher_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Results rows (stage teacher, run `teacher-cache`) of the accuracy a cache's manifest recorded (`--val`),
+    stamped with the command, commit and time that measured it, so every run that uses the cache can show it."""
+    from facekd import table
+
+    prov = manifest.get("provenance") or {}
+    stamp = {k: prov[k] for k in ("facekd_version", "git_commit", "timestamp", "command") if prov.get(k)}
+    return [table.model_row("teacher", manifest["key"]["teacher_arch"], "teacher-cache", dataset=name, metrics=m,
+                            embedding_dim=manifest.get("embedding_dim"),
+                            hardware="evaluation only (no training here)", **stamp)
+            for name, m in (manifest.get("teacher_val") or {}).items()]
 
 
 def default_cache_dir(teacher: str, dataset: Any, key: dict[str, Any]) -> Path:
@@ -243,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--force", action="store_true", help="rebuild even when an up-to-date cache exists")
+    ap.add_argument("--val", nargs="*", default=[], metavar="SET",
+                    help="also measure the teacher's verification accuracy on these sets (recorded in the manifest)")
+    ap.add_argument("--results", metavar="CSV", help="with --val: write the teacher's rows into this results table")
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         raise FacekdError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -257,10 +314,17 @@ def main(argv: list[str] | None = None) -> int:
         if manifest and manifest.get("kind") == KIND and not key_mismatch(manifest.get("key", {}), key):
             print(f"teacher cache {out} is up to date ({len(dataset)} images)")
             return 0
+    val = teacher_accuracy(embed, args.val, teacher=args.teacher) if args.val else {}
     cache = build_cache(embed, dataset, out, key=key, batch_size=args.batch_size, workers=args.workers,
-                        settings={"teacher": args.teacher, "data": args.data, "batch_size": args.batch_size})
+                        settings={"teacher": args.teacher, "data": args.data, "batch_size": args.batch_size},
+                        extra={"teacher_val": val} if val else None)
     print(f"wrote teacher cache {out}: {cache.num_images} images x 2 views x {cache.embedding_dim}-d, "
           f"{cache.num_classes} class centres")
+    if args.results and val:
+        from facekd.table import upsert_rows
+
+        upsert_rows(teacher_rows(cache.manifest), args.results)
+        print(f"results: teacher row(s) -> {args.results}")
     return 0
 
 

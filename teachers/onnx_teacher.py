@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from facedata.transforms import check_preprocessing
-from facekd.io import FacekdError, atomic_write_bytes
+from facekd.io import FacekdError, atomic_write_bytes, cache_root
 from facekd.models import INSIGHTFACE_PREPROCESSING, preprocessing_for, read_onnx_metadata, register_model, register_prefix
 
 SFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
@@ -30,16 +29,15 @@ SFACE_SHA256 = "fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee
 SFACE_PREPROCESSING = {"input_size": [112, 112], "channel_order": "RGB", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("FACEKD_CACHE", Path.home() / ".cache" / "facekd")) / "onnx"
-
-
 def runnable_onnx(path: str | Path) -> Path:
     """`path`, or a repaired copy in the cache when the file needs it to run with any batch size.
 
     Old converters and re-quantisers (SFace's int8bq file) list weights, even unused ones, as graph inputs, which
     onnxruntime then demands at run time, and fix the batch dimension to 1. The copy keeps only the inputs that
-    a node reads and nothing produces, and makes the first input/output dimension `batch`.
+    a node reads and nothing produces, and makes the first input/output dimension `batch`. Weight-only
+    (block-)quantised weights are dequantised into float initializers: onnxruntime keeps DequantizeLinear in the
+    graph (it never constant-folds it), so every run re-dequantises and convolutions lose their pre-packed
+    weights; folded, SFace runs ~1.3x faster with the same float weights (the same (q - zero) * scale).
     """
     import onnx
 
@@ -59,6 +57,7 @@ def runnable_onnx(path: str | Path) -> Path:
     if changed:
         del proto.graph.input[:]
         proto.graph.input.extend(inputs)
+    changed |= _fold_weight_dequantize(proto.graph)
     for value in (proto.graph.input[0], *proto.graph.output):
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value"):
@@ -67,10 +66,47 @@ def runnable_onnx(path: str | Path) -> Path:
     if not changed:
         return path
     data = proto.SerializeToString()
-    fixed = _cache_dir() / f"{path.stem}-{hashlib.sha256(data).hexdigest()[:16]}.onnx"
+    fixed = cache_root() / "onnx" / f"{path.stem}-{hashlib.sha256(data).hexdigest()[:16]}.onnx"
     if not fixed.is_file():
         atomic_write_bytes(fixed, data)
     return fixed
+
+
+def _fold_weight_dequantize(graph: Any) -> bool:
+    """Replace DequantizeLinear (and a following Reshape) of initializers by float initializers; True if any."""
+    from onnx import helper, numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    folded: dict[str, np.ndarray] = {}
+    keep = []
+    for node in graph.node:
+        args = [folded.get(name, consts.get(name)) for name in node.input]
+        if node.op_type == "DequantizeLinear" and all(a is not None for a in args) and len(args) >= 2:
+            q, scale = args[0], args[1]
+            zero = args[2] if len(args) > 2 else np.zeros_like(scale, dtype=q.dtype)
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            axis, block = attrs.get("axis", 1) % max(q.ndim, 1), attrs.get("block_size", 0)
+            if block and scale.ndim == q.ndim:  # blocked: each scale covers `block` consecutive elements on `axis`
+                scale = np.repeat(scale, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+                zero = np.repeat(zero, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+            elif scale.ndim == 1 and q.ndim > 1:  # per-axis
+                shape = [1] * q.ndim
+                shape[axis] = -1
+                scale, zero = scale.reshape(shape), zero.reshape(shape)
+            folded[node.output[0]] = ((q.astype(np.float32) - zero.astype(np.float32)) * scale).astype(np.float32)
+        elif node.op_type == "Reshape" and len(args) == 2 and node.input[0] in folded and args[1] is not None:
+            folded[node.output[0]] = folded[node.input[0]].reshape(args[1])
+        else:
+            keep.append(node)
+    if not folded:
+        return False
+    used = {name for node in keep for name in node.input} | {o.name for o in graph.output}
+    initializers = [t for t in graph.initializer if t.name in used]
+    initializers += [numpy_helper.from_array(v, name) for name, v in folded.items() if name in used]
+    del graph.node[:], graph.initializer[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(initializers)
+    return True
 
 
 class OnnxTeacher(nn.Module):

@@ -127,3 +127,35 @@ def test_ablation_writes_one_run_and_row_per_kd(tmp_path, monkeypatch):
                                                         ("abl/ablation/feature+logit", "feature+logit"),
                                                         ("abl/ablation/none", "none")]
     assert all(float(r["accuracy"]) == 0.75 and r["tar_at_far_1e3"] == "0.5" for r in rows)
+
+
+def test_teacher_accuracy_recorded_in_its_cache_becomes_the_teacher_row(tmp_path, monkeypatch):
+    """A cache built with `teachers.cache --val` (the shipped SFace one) carries the teacher's accuracy; every
+    distill run that uses it writes that row, stamped with the command that measured it, not its own."""
+    monkeypatch.chdir(tmp_path)
+
+    class Tiny(torch.nn.Sequential):
+        embedding_dim, input_size = 8, (4, 4)
+
+    manifest = {"key": {"teacher_arch": "sface"}, "embedding_dim": 128,
+                "teacher_val": {"synthfaces:tiny": {"accuracy": 0.85, "std": 0.15, "pairs": 60,
+                                                    "tar_at_far": {"1e-3": 0.4}}},
+                "provenance": {"command": "python -m teachers.cache --teacher sface --val synthfaces:tiny",
+                               "git_commit": "abc123", "timestamp": "2026-11-28T00:00:00Z", "facekd_version": "0.1.0"}}
+    cache = type("Cache", (), {"manifest": manifest})()
+    metrics = {"val": {"synthfaces:tiny": {"accuracy": 0.7, "std": 0.1, "tar_at_far": {"1e-3": 0.3}}},
+               "hardware": "cpu test"}
+    monkeypatch.setattr(run, "train_student", lambda *a, **k: {"metrics": metrics,
+                                                               "student": Tiny(torch.nn.Flatten(), torch.nn.Linear(48, 8))})
+    monkeypatch.setattr(run, "resolve_teacher", lambda *a: {"weights": None, "cache": cache, "how": "test"})
+    results = tmp_path / "summary.csv"
+    for _ in range(2):  # a second run replaces the row instead of adding one
+        assert run.main(["--teacher", "sface", "--data", "synthfaces:tiny", "--preset", "smoke", "--out", "runs/a",
+                         "--results", str(results)]) == 0
+    rows = list(csv.DictReader(results.open()))
+    teacher = [r for r in rows if r["stage"] == "teacher"]
+    assert len(teacher) == 1 and len(rows) == 2
+    (row,) = teacher
+    assert (row["model"], row["run"], row["dataset"], row["accuracy"]) == ("sface", "teacher-cache",
+                                                                           "synthfaces:tiny", "0.85")
+    assert row["command"] == manifest["provenance"]["command"] and row["git_commit"] == "abc123"

@@ -211,3 +211,44 @@ def test_cli_errors_are_one_line(bin_files, tmp_path, capsys):
     with warnings.catch_warnings(), pytest.raises(SystemExit):
         main([str(broken), str(root / "pairs.bin"), "--quiet"])
     assert "error: cannot read ONNX model" in capsys.readouterr().err
+
+
+def test_embed_set_cache_reuses_only_the_same_file_set_and_flip(tmp_path, monkeypatch):
+    from facedata.formats import VerificationSet
+    from evaluate.embed import embed_set
+
+    monkeypatch.setenv("FACEKD_CACHE", str(tmp_path / "cache"))
+    images = random_faces(8, 5)
+    vset = VerificationSet("toy", images, np.array([True, False, True, False]), fingerprint="f" * 16)
+    emb = OnnxEmbedder(write_onnx(tmp_path / "m.onnx", weights(3), metadata={"preprocessing": BGR_PRE}), threads=1)
+    calls = []
+    real_call = OnnxEmbedder.__call__
+    monkeypatch.setattr(OnnxEmbedder, "__call__", lambda self, x: calls.append(len(x)) or real_call(self, x))
+    first = embed_set(emb, vset, cache=True, progress=False)
+    assert calls == [8, 8]  # image + flip
+    again = embed_set(emb, vset, cache=True, progress=False)
+    assert calls == [8, 8] and np.array_equal(first, again) and again.dtype == np.float64
+    embed_set(emb, vset, flip=False, cache=True, progress=False)  # another protocol: not a hit
+    assert calls == [8, 8, 8]
+    other = OnnxEmbedder(write_onnx(tmp_path / "m2.onnx", weights(4), metadata={"preprocessing": BGR_PRE}), threads=1)
+    assert not np.allclose(embed_set(other, vset, cache=True, progress=False), first)  # another file: not a hit
+    unnamed = VerificationSet("toy", images, vset.issame)  # no fingerprint: never cached
+    embed_set(emb, unnamed, cache=True, progress=False)
+    assert len(calls) == 7
+    (entry,) = [p for p in (tmp_path / "cache" / "embeddings").iterdir() if p.name.startswith(emb.cache_id[:16])
+                and p.name.endswith("-flip.npy")]
+    entry.write_bytes(b"not an array")  # a damaged entry is recomputed, not trusted
+    np.testing.assert_array_equal(embed_set(emb, vset, cache=True, progress=False), first)
+    assert len(calls) == 9
+
+
+def test_module_embedder_runs_the_onnx_export_with_torch_numerics():
+    from evaluate.embed import module_embedder
+    from facekd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mobilefacenet", embedding_dim=32).eval()
+    fast = module_embedder(model)
+    assert isinstance(fast, OnnxEmbedder) and fast.embedding_dim == 32 and fast.cache_id is None
+    images = random_faces(3, 6)
+    np.testing.assert_allclose(fast(images), TorchEmbedder(model)(images), rtol=1e-3, atol=1e-4)

