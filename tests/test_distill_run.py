@@ -159,3 +159,21 @@ def test_teacher_accuracy_recorded_in_its_cache_becomes_the_teacher_row(tmp_path
     assert (row["model"], row["run"], row["dataset"], row["accuracy"]) == ("sface", "teacher-cache",
                                                                            "synthfaces:tiny", "0.85")
     assert row["command"] == manifest["provenance"]["command"] and row["git_commit"] == "abc123"
+
+
+def test_sface_on_default_synthfaces_uses_the_shipped_cache_without_loading_sface(tmp_path, monkeypatch):
+    import argparse
+
+    import teachers.cache
+    from facedata import synthfaces
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the teacher was loaded although a shipped cache matches")
+
+    monkeypatch.setattr(teachers.cache, "teacher_embedder", must_not_load)
+    monkeypatch.chdir(tmp_path)  # no runs/ caches here: only the zoo can match
+    ds = type("DS", (), {"name": "synthfaces", "__len__": lambda self: 20000,
+                         "fingerprint": synthfaces.dataset_fingerprint(synthfaces.settings_for("default"), "train")})()
+    args = argparse.Namespace(teacher="sface", data="synthfaces")
+    cache = run.teacher_cache(args, ds, tmp_path / "runs" / "x", None, "cpu")
+    assert cache.root == teachers.cache.ZOO_DIR / "sface-synthfaces" and cache.num_images == 20000

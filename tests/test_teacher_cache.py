@@ -209,3 +209,21 @@ def test_find_prefers_the_named_cache_over_an_earlier_match(tmp_path):
     assert TeacherCache.find(partial, [tmp_path / "root"], prefer=b.manifest["fingerprint"]).root == b.root
     assert TeacherCache.find(partial, [tmp_path / "root"], prefer="no-such-cache").root == a.root
     assert TeacherCache.find({"dataset": "other"}, [tmp_path / "root"], prefer=b.manifest["fingerprint"]) is None
+
+
+def test_shipped_sface_cache_is_intact_and_serves_the_current_default_synthfaces():
+    """teachers/zoo/sface-synthfaces must open (every sha256 matches) and fit today's default SynthFaces: a generator
+    change without a rebuild would make the default pipeline run SFace over 20,000 images first."""
+    from facedata import synthfaces
+    from teachers.cache import ZOO_DIR, known_teacher_key
+
+    root = ZOO_DIR / "sface-synthfaces"
+    sha, pre = known_teacher_key("sface")
+    settings = synthfaces.settings_for("default")
+    cache = TeacherCache.open(root, {"teacher_arch": "sface", "teacher_sha256": sha, "preprocessing": pre,
+                                     "dataset": synthfaces.dataset_fingerprint(settings, "train"),
+                                     "synthfaces_version": synthfaces.SYNTHFACES_VERSION})
+    assert cache.num_images == settings.train_ids * settings.images_per_id and cache.num_classes == settings.train_ids
+    assert 0.5 < cache.manifest["teacher_val"]["synthfaces"]["accuracy"] < 1.0
+    sizes = [p.stat().st_size for p in ZOO_DIR.rglob("*") if p.is_file()]
+    assert max(sizes) <= 16 * 2 ** 20 and sum(sizes) <= 30e6  # what the repository may carry
