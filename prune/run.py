@@ -203,7 +203,7 @@ def make_grad_fn(objective: nn.Module, dataset: Any, *, batches: int = 4, batch_
 
 # ----------------------------------------------------------------------------------------------- measuring
 
-def evaluate_model(model: nn.Module | Path, val_sets: list[Any]) -> dict[str, dict]:
+def evaluate_model(model: nn.Module | Path, val_sets: list[Any], keep_roc: bool = False) -> dict[str, dict]:
     """Verification metrics of a module, or of an ONNX file (whose embeddings quantize.ptq then reuses)."""
     if not val_sets:
         return {}
@@ -212,16 +212,16 @@ def evaluate_model(model: nn.Module | Path, val_sets: list[Any]) -> dict[str, di
 
     if isinstance(model, Path):
         results = evaluate_sets(OnnxEmbedder(model, threads=torch.get_num_threads()), val_sets, cache=True)
-        return {name: {k: v for k, v in m.items() if k != "roc"} for name, m in results.items()}
-    device = str(next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            results = evaluate_sets(module_embedder(model, model.preprocessing, device=device), val_sets)
-    finally:
-        model.train(was_training)
-    return {name: {k: v for k, v in m.items() if k != "roc"} for name, m in results.items()}
+    else:
+        device = str(next(model.parameters()).device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                results = evaluate_sets(module_embedder(model, model.preprocessing, device=device), val_sets)
+        finally:
+            model.train(was_training)
+    return {name: {k: v for k, v in m.items() if keep_roc or k != "roc"} for name, m in results.items()}
 
 
 def recorded_accuracy(ckpt: Path, val_sets: list[Any]) -> dict[str, dict]:
@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     onnx_path = export_onnx(model, out / "model.onnx", metadata={"stage": "pruned"})
     parity = onnx_parity(model, onnx_path)
     if steps_per_round > 0:  # the deployable file itself, so quantize.ptq's fp32 reference is a cache hit
-        accuracy["pruned_finetuned"] = evaluate_model(onnx_path, val_sets)
+        accuracy["pruned_finetuned"] = evaluate_model(onnx_path, val_sets, keep_roc=True)
+    final_roc = {name: m.pop("roc") for name, m in (accuracy.get("pruned_finetuned") or {}).items() if "roc" in m}
 
     latency = None
     if args.latency_runs > 0:
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                "pruned": {**info, "path": str(model_path), "onnx": str(onnx_path),
                           "onnx_bytes": onnx_path.stat().st_size, "channels": channel_config(model)},
                "macs_ratio": info["macs"] / base["macs"], "params_ratio": info["params"] / base["params"],
-               "accuracy": accuracy, "onnx_parity_rel": parity, "latency": latency, "hardware": hardware,
+               "accuracy": accuracy, "roc": final_roc, "onnx_parity_rel": parity, "latency": latency, "hardware": hardware,
                "settings": settings}
     atomic_write_json(out / "metrics.json", metrics)
     write_manifest(out, KIND, settings, inputs, job=job)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -163,20 +164,27 @@ def plot_arm_instructions(frame, path: Path) -> Path | None:
 
 
 def _stored_roc(artifact: str, dataset: str) -> tuple[list[float], list[float]] | None:
-    """ROC arrays from the metrics.json beside (or one level above) a row's artifact, when the run stored them."""
+    """ROC arrays that the stage stored beside a row's artifact, if any: `metrics.json` (the trainer's
+    `val.SET.roc`, prune.run's `roc.SET`) or `fidelity.json` (quantize.ptq's `roc.SET`, the int8 model's)."""
     if not artifact:
         return None
-    for folder in (Path(artifact).parent, Path(artifact).parent.parent):
-        metrics = folder / "metrics.json"
-        if metrics.is_file():
-            try:
-                data = json.loads(metrics.read_text())
-            except json.JSONDecodeError:
-                return None
-            for scope in (data, data.get("verification", {}) if isinstance(data, dict) else {}):
-                entry = scope.get(dataset) if isinstance(scope, dict) else None
-                if isinstance(entry, dict) and isinstance(entry.get("roc"), dict):
-                    return entry["roc"]["fpr"], entry["roc"]["tpr"]
+    folder = Path(artifact).parent
+    for name in ("metrics.json", "fidelity.json"):
+        if not (folder / name).is_file():
+            continue
+        try:
+            data = json.loads((folder / name).read_text())
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(data, dict):
+            continue
+        candidates = [(data.get("roc") or {}).get(dataset)]
+        for scope in (data, data.get("val"), data.get("verification")):
+            entry = scope.get(dataset) if isinstance(scope, dict) else None
+            candidates.append(entry.get("roc") if isinstance(entry, dict) else None)
+        for roc in candidates:
+            if isinstance(roc, dict) and roc.get("fpr") and roc.get("tpr"):
+                return roc["fpr"], roc["tpr"]
     return None
 
 
@@ -204,7 +212,7 @@ def plot_rocs(frame, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
         fig.tight_layout()
-        path = out / f"roc_{dataset}.png"
+        path = out / f"roc_{re.sub(r'[^A-Za-z0-9._-]+', '_', str(dataset))}.png"  # no ':' in file names
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)

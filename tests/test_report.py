@@ -47,3 +47,19 @@ def test_pareto_front_keeps_only_undominated_points() -> None:
 def test_missing_table_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FacekdError, match="results table not found"):
         report.build_report(tmp_path / "nope.csv", tmp_path)
+
+
+def test_stored_roc_is_found_where_each_stage_writes_it(tmp_path: Path) -> None:
+    """The trainer (metrics.json val.SET.roc), prune.run (metrics.json roc.SET) and quantize.ptq (fidelity.json
+    roc.SET) each keep the ROC of the model they deliver; the report must find all three, and no other set's."""
+    curve = {"fpr": [0.0, 0.01, 1.0], "tpr": [0.0, 0.5, 1.0]}
+    layouts = {"student": ("metrics.json", {"val": {"synthfaces": {"accuracy": 0.8, "roc": curve}}}),
+               "pruned": ("metrics.json", {"accuracy": {"pruned_finetuned": {}}, "roc": {"synthfaces": curve}}),
+               "int8": ("fidelity.json", {"metrics": {}, "roc": {"synthfaces": curve}})}
+    for stage, (name, content) in layouts.items():
+        folder = tmp_path / stage
+        folder.mkdir()
+        (folder / name).write_text(json.dumps(content))
+        assert report._stored_roc(str(folder / "model.onnx"), "synthfaces") == (curve["fpr"], curve["tpr"]), stage
+        assert report._stored_roc(str(folder / "model.onnx"), "lfw") is None
+    assert report._stored_roc(str(tmp_path / "elsewhere" / "model.onnx"), "synthfaces") is None
