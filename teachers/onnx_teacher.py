@@ -34,10 +34,11 @@ def runnable_onnx(path: str | Path) -> Path:
 
     Old converters and re-quantisers (SFace's int8bq file) list weights, even unused ones, as graph inputs, which
     onnxruntime then demands at run time, and fix the batch dimension to 1. The copy keeps only the inputs that
-    a node reads and nothing produces, and makes the first input/output dimension `batch`. Weight-only
-    (block-)quantised weights are dequantised into float initializers: onnxruntime keeps DequantizeLinear in the
-    graph (it never constant-folds it), so every run re-dequantises and convolutions lose their pre-packed
-    weights; folded, SFace runs ~1.3x faster with the same float weights (the same (q - zero) * scale).
+    a node reads and nothing produces, and makes the first input/output dimension `batch`. Block-quantised
+    weights (DequantizeLinear with a block_size, which no int8 kernel consumes) are dequantised into float
+    initializers: onnxruntime keeps DequantizeLinear in the graph (it never constant-folds it), so every run
+    re-dequantises and convolutions lose their pre-packed weights; folded, SFace runs ~1.3x faster with the same
+    float weights ((q - zero) * scale). Per-tensor/per-channel QDQ weights are left alone: those fuse into int8 kernels.
     """
     import onnx
 
@@ -73,7 +74,7 @@ def runnable_onnx(path: str | Path) -> Path:
 
 
 def _fold_weight_dequantize(graph: Any) -> bool:
-    """Replace DequantizeLinear (and a following Reshape) of initializers by float initializers; True if any."""
+    """Replace block-wise DequantizeLinear (and a following Reshape) of initializers by float initializers."""
     from onnx import helper, numpy_helper
 
     consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -81,18 +82,15 @@ def _fold_weight_dequantize(graph: Any) -> bool:
     keep = []
     for node in graph.node:
         args = [folded.get(name, consts.get(name)) for name in node.input]
-        if node.op_type == "DequantizeLinear" and all(a is not None for a in args) and len(args) >= 2:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type == "DequantizeLinear" and attrs.get("block_size", 0) > 0 and len(args) >= 2
+                and all(a is not None for a in args) and args[1].ndim == args[0].ndim):
             q, scale = args[0], args[1]
             zero = args[2] if len(args) > 2 else np.zeros_like(scale, dtype=q.dtype)
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            axis, block = attrs.get("axis", 1) % max(q.ndim, 1), attrs.get("block_size", 0)
-            if block and scale.ndim == q.ndim:  # blocked: each scale covers `block` consecutive elements on `axis`
-                scale = np.repeat(scale, block, axis=axis).take(range(q.shape[axis]), axis=axis)
-                zero = np.repeat(zero, block, axis=axis).take(range(q.shape[axis]), axis=axis)
-            elif scale.ndim == 1 and q.ndim > 1:  # per-axis
-                shape = [1] * q.ndim
-                shape[axis] = -1
-                scale, zero = scale.reshape(shape), zero.reshape(shape)
+            axis, block = attrs.get("axis", 1) % q.ndim, attrs["block_size"]
+            # each scale (and zero point) covers `block` consecutive elements along `axis`, the last block partly
+            scale = np.repeat(scale, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+            zero = np.repeat(zero, block, axis=axis).take(range(q.shape[axis]), axis=axis)
             folded[node.output[0]] = ((q.astype(np.float32) - zero.astype(np.float32)) * scale).astype(np.float32)
         elif node.op_type == "Reshape" and len(args) == 2 and node.input[0] in folded and args[1] is not None:
             folded[node.output[0]] = folded[node.input[0]].reshape(args[1])

@@ -117,7 +117,7 @@ def test_sface_absent_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> Non
         create_model("sface")
 
 
-def _block_quantised_conv(path: Path) -> np.ndarray:
+def _block_quantised_conv(path: Path, blocked: bool = True) -> np.ndarray:
     """A conv whose weight is int8 block-quantised (opset 21 DequantizeLinear + Reshape, as SFace's int8bq file),
     with a fixed batch of 1 and the weights listed as graph inputs; returns the float weight it stands for."""
     import onnx
@@ -126,12 +126,17 @@ def _block_quantised_conv(path: Path) -> np.ndarray:
     rng = np.random.default_rng(0)
     cout, k, block = 4, 27, 9  # (cout, 3*3*3) blocks of 9 along axis 1
     q = rng.integers(-128, 128, size=(cout, k), dtype=np.int8)
+    if not blocked:  # per-output-channel (axis 0): what onnxruntime fuses into int8 kernels
+        block = k
     scale = rng.uniform(0.001, 0.02, size=(cout, k // block)).astype(np.float32)
     zero = rng.integers(-3, 4, size=(cout, k // block), dtype=np.int8)
     weight = ((q.astype(np.float32) - np.repeat(zero, block, 1)) * np.repeat(scale, block, 1)).reshape(cout, 3, 3, 3)
+    dq_attrs = {"axis": 1, "block_size": block} if blocked else {"axis": 0}
+    if not blocked:
+        scale, zero = scale[:, 0], zero[:, 0]
     inits = [numpy_helper.from_array(q, "w_q"), numpy_helper.from_array(scale, "w_s"),
              numpy_helper.from_array(zero, "w_z"), numpy_helper.from_array(np.array([cout, 3, 3, 3]), "w_shape")]
-    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w_dq"], axis=1, block_size=block),
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w_dq"], **dq_attrs),
              helper.make_node("Reshape", ["w_dq", "w_shape"], ["w"]),
              helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("GlobalAveragePool", ["c"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])]
@@ -159,3 +164,18 @@ def test_runnable_onnx_folds_block_quantised_weights_exactly(tmp_path: Path) -> 
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     reference = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])  # onnxruntime's own dequantise
     np.testing.assert_allclose(out[:1], reference.run(None, {"x": x[:1]})[0], rtol=1e-6, atol=1e-6)
+
+
+def test_runnable_onnx_leaves_per_channel_qdq_weights_for_int8_kernels(tmp_path: Path) -> None:
+    import onnx
+
+    from teachers.onnx_teacher import runnable_onnx
+
+    src = tmp_path / "pc.onnx"
+    weight = _block_quantised_conv(src, blocked=False)
+    proto = onnx.load(str(runnable_onnx(src)))  # still repaired (batch, inputs), but not dequantised
+    assert "DequantizeLinear" in {n.op_type for n in proto.graph.node}
+    x = np.random.default_rng(2).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    out = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight), padding=1).mean((2, 3)).numpy()
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
