@@ -163,8 +163,8 @@ def module_embedder(model: torch.nn.Module, preprocessing: dict[str, Any] | None
                     device: str = "cpu") -> "TorchEmbedder | OnnxEmbedder":
     """The fastest embedder for a torch module: on CPU its ONNX export run by onnxruntime, else a TorchEmbedder.
 
-    onnxruntime embeds a MobileFaceNet ~1.6x faster than eager PyTorch on CPU (130 vs 80 images/s on 2 cores,
-    flip included), which is most of an evaluation's time; the export takes about a second. A module that cannot
+    onnxruntime embeds a MobileFaceNet ~1.6x faster than eager PyTorch on CPU (130 vs 80 forward passes/s, 2 cores,
+    batch 256), which is most of an evaluation's time; the export takes about a second. A module that cannot
     be exported (e.g. one wrapping an onnxruntime session) is embedded by PyTorch, with a warning.
     """
     import tempfile
