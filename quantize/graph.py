@@ -194,35 +194,23 @@ def fuse_int8_max(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if not all(q is not None and q.op_type == "QuantizeLinear" for q in qs) or not outs \
                 or any(o.op_type != "QuantizeLinear" for o in outs):
             continue
-        q_out = outs[0]
+        out_dqs = [c for o in outs for c in consumers[o.output[0]]]
+        if any(c.op_type != "DequantizeLinear" for c in out_dqs):
+            continue
         group = [*qs, *outs]
-        if any(len(q.input) < 3 or q.input[1] not in inits or q.input[2] not in inits for q in group):
+        params = [_scale_zp(inits, q.input[1], q.input[2]) if len(q.input) >= 3 else None for q in group]
+        if any(p is None for p in params) or len({p[1].dtype for p in params}) != 1:
             continue
-        zps = [numpy_helper.to_array(inits[q.input[2]]) for q in group]
-        scales = [numpy_helper.to_array(inits[q.input[1]]).astype(np.float64) for q in group]
-        if any(s.size != 1 for s in scales) or len({z.dtype for z in zps}) != 1:
-            continue
-        dtype = zps[0].dtype
-        info = np.iinfo(dtype)
-        lo = min(float((info.min - z.item()) * s.item()) for z, s in zip(zps, scales))
-        hi = max(float((info.max - z.item()) * s.item()) for z, s in zip(zps, scales))
-        lo, hi = min(lo, 0.0), max(hi, 0.0)
-        scale = max((hi - lo) / (info.max - info.min), 1e-12)
-        zp = int(np.clip(round(info.min - lo / scale), info.min, info.max))
+        scale, zp, dtype = _shared_params(params)  # type: ignore[arg-type]
         s_name, z_name = f"{node.name}_shared_scale", f"{node.name}_shared_zero_point"
         graph.initializer.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name))
         graph.initializer.append(numpy_helper.from_array(np.array(zp, dtype=dtype), z_name))
         # every Q/DQ touching the three tensors takes the shared parameters
-        out_dqs = [c for o in outs for c in consumers[o.output[0]]]
-        if any(c.op_type != "DequantizeLinear" for c in out_dqs):
-            continue
         for n in [*qs, *dqs, *out_dqs]:
             n.input[1], n.input[2] = s_name, z_name
-        for n in out_dqs:  # one 8-bit Max output now feeds every dequantiser the output Q nodes fed
-            n.input[0] = node.output[0]
         node.input[0], node.input[1] = qs[0].output[0], qs[1].output[0]
-        node.output[0] = q_out.output[0] + "_int8max"
-        for n in out_dqs:
+        node.output[0] = outs[0].output[0] + "_int8max"
+        for n in out_dqs:  # one 8-bit Max output now feeds every dequantiser the output Q nodes fed
             n.input[0] = node.output[0]
         remove.update({id(dqs[0]), id(dqs[1]), *(id(o) for o in outs)})
         fused += 1
