@@ -14,7 +14,12 @@ so the gradient is that of the mean over the global batch, as in one process wit
 BatchNorm statistics are per rank (no SyncBatchNorm), the one expected difference.
 
 Run directory `cfg.out`: checkpoint.pt (resume state, `torch.load(weights_only=True)`), log.jsonl (one JSON line per
-log interval / evaluation), metrics.json (final), model.safetensors (final weights through facekd.models).
+log interval / evaluation), status.json (step, images seen, rate, ETA; rewritten at every log line, for watching a
+background run), learning_curve.csv/.png (accuracy per verification set against images seen, at every evaluation),
+metrics.json (final), model.safetensors (final weights through facekd.models).
+
+Stopping a long run cleanly: create the file `cfg.out/STOP` (or send SIGTERM/SIGINT). The trainer finishes the
+step, writes checkpoint.pt and raises `TrainingStopped`; the same command with `--resume` continues exactly.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ import dataclasses
 import json
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +46,13 @@ from facekd.models import load_state_dict_strict
 CHECKPOINT_FORMAT = "facekd-train-checkpoint/1"
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 SWITCH_CHOICES = ("auto", "on", "off")
+STOP_FILE = "STOP"  # touch OUT/STOP to checkpoint and stop a run cleanly
+
+
+class TrainingStopped(FacekdError):
+    """A run stopped on request (OUT/STOP or a signal) after writing its checkpoint; `--resume` continues it."""
+
+
 # Settings that do not change the trained weights' arithmetic, so a resume may change them (steps extends a run).
 RESUMABLE_FIELDS = ("steps", "out", "workers", "log_every", "ckpt_every", "eval_every", "device")
 
@@ -208,11 +222,25 @@ class Trainer:
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        self._stop_signal = None
+        previous = self._catch_stop_signals()
         try:
             return self._fit(resume)
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             if own_group:
                 dist.destroy_process_group()
+
+    def _catch_stop_signals(self) -> dict[int, Any]:
+        """SIGTERM/SIGINT ask for a checkpoint and a clean stop at the end of the current step (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request(signum: int, _frame: Any) -> None:
+            self._stop_signal = signal.Signals(signum).name
+
+        return {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _fit(self, resume: bool) -> dict[str, Any]:
         cfg, dev = self.cfg, self.device
@@ -227,6 +255,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype is torch.float16)
         self._last, self._rates = {}, []
         start = self._resume() if resume else self._fresh_start()
+        (self.out / STOP_FILE).unlink(missing_ok=True)  # a stale request must not stop the run it was meant to pause
         net: nn.Module = _Net(self.model, self.objective)
         if self.world > 1:
             # as arcface_torch: no per-step buffer broadcast (BN statistics stay per rank; rank 0's are saved), and
@@ -267,8 +296,28 @@ class Trainer:
                 self._save_checkpoint(done)
             if is_eval and done != cfg.steps:
                 self._evaluate(done)
+            if done != cfg.steps and self._stop_requested(done):
+                if not is_ckpt:
+                    self._save_checkpoint(done)
+                progress.close()
+                reason = self._stop_signal or f"{self.out / STOP_FILE}"
+                raise TrainingStopped(f"stopped at step {done}/{cfg.steps} by {reason}; checkpoint "
+                                      f"{self.out / 'checkpoint.pt'}; run the same command with --resume to continue")
         progress.close()
         return self._finish()
+
+    def _stop_requested(self, done: int) -> bool:
+        """OUT/STOP or a signal; under DDP the ranks agree at log boundaries (one small all-reduce)."""
+        if self.world > 1 and done % self.cfg.log_every:
+            return False
+        local = self._stop_signal is not None or (self.is_main and (self.out / STOP_FILE).exists())
+        if self.world > 1:
+            flag = torch.tensor([int(local)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            local = bool(flag.item())
+        if local and self.is_main:
+            (self.out / STOP_FILE).unlink(missing_ok=True)
+        return local
 
     # ------------------------------------------------------------------ pieces of a step
     def _batch(self, step: int, images: Tensor, labels: Tensor, indices: Tensor) -> dict[str, Any]:
@@ -320,8 +369,23 @@ class Trainer:
         self._pending = []
         if self.is_main:
             self._log(self._last)
+            self._write_status(done)
             progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{images_per_s:.1f}", refresh=False)
         self._window_start = time.perf_counter()
+
+    def _write_status(self, done: int) -> None:
+        """status.json: where a (background) run is, and a training-only ETA from the recent throughput."""
+        rate = float(np.median(self._rates[-20:])) if self._rates else 0.0
+        left = (self.cfg.steps - done) * self.cfg.batch_size
+        eta = left / rate if rate > 0 else None
+        atomic_write_json(self.out / "status.json", {
+            "step": done, "steps": self.cfg.steps, "images_seen": done * self.cfg.batch_size,
+            "images_total": self.cfg.steps * self.cfg.batch_size, "images_per_s": round(rate, 2),
+            "eta_s": round(eta) if eta is not None else None,
+            "eta": time.strftime("%Y-%m-%d %H:%M", time.localtime(time.time() + eta)) if eta is not None else None,
+            "eta_note": "training only, at the median rate of the last log intervals; evaluations add to it",
+            "last_log": self._last, "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "stop": f"touch {self.out / STOP_FILE} (checkpoints and exits; --resume continues)"})
 
     def _log(self, record: dict[str, Any]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -344,7 +408,8 @@ class Trainer:
         finally:
             model.train(was_training)
         brief = {name: {k: v for k, v in m.items() if k != "roc"} for name, m in results.items()}
-        self._log({"step": done, "eval": brief})
+        self._log({"step": done, "images_seen": done * self.cfg.batch_size, "eval": brief})
+        write_learning_curve(self.out)
         summary = ", ".join(f"{n} acc={m['accuracy']:.4f}" for n, m in results.items())
         _progress_write(f"step {done}: {summary}")
         self._window_start = time.perf_counter()  # evaluation time is not training throughput
@@ -476,6 +541,61 @@ class Trainer:
         }
         atomic_write_json(self.out / "metrics.json", metrics)
         return metrics
+
+
+def learning_curve(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Verification accuracy against images seen, one row per (evaluation, set), from a run's log.jsonl."""
+    rows = []
+    log = Path(run_dir) / "log.jsonl"
+    for line in log.read_text(encoding="utf-8").splitlines() if log.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for name, m in (record.get("eval") or {}).items():
+            images = record.get("images_seen")
+            if images is None:  # logs written before images_seen was recorded
+                continue
+            rows.append({"images_seen": images, "step": record["step"], "set": name, "accuracy": m["accuracy"],
+                         "std": m.get("std"), "auc": m.get("auc"), "pairs": m.get("pairs"), "time": record.get("time")})
+    return rows
+
+
+def write_learning_curve(run_dir: str | os.PathLike) -> Path | None:
+    """learning_curve.csv and .png in the run directory, rebuilt from log.jsonl (so a resumed run stays consistent)."""
+    import csv
+
+    rows = learning_curve(run_dir)
+    if not rows:
+        return None
+    out = Path(run_dir)
+    with open(out / "learning_curve.csv.tmp", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(out / "learning_curve.csv.tmp", out / "learning_curve.csv")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name in dict.fromkeys(r["set"] for r in rows):
+        pts = [r for r in rows if r["set"] == name]
+        x = [r["images_seen"] for r in pts]
+        y = [100 * r["accuracy"] for r in pts]
+        err = [100 * (r["std"] or 0) for r in pts]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{name} ({pts[-1]['pairs']} pairs)")
+    ax.set_xlabel("training images seen")
+    ax.set_ylabel("verification accuracy % (10-fold mean ± std)")
+    ax.set_title(f"learning curve: {out.resolve().parent.name}/{out.name}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curve.png.tmp.png")
+    plt.close(fig)
+    os.replace(out / "learning_curve.png.tmp.png", out / "learning_curve.png")
+    return out / "learning_curve.png"
 
 
 def _default_preprocessing() -> dict[str, Any]:

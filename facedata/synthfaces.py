@@ -67,6 +67,9 @@ class SynthSettings:
 NAMED_SIZES: dict[str, dict[str, int]] = {
     "default": {},
     "small": {"train_ids": 100, "images_per_id": 10, "val_ids": 200, "pairs": 600},
+    # a teacher's training set: 10x the default's identities (its first 1,000 are the default set's identities and
+    # images, so a teacher trained here knows the student's classes); train identities never meet verification ones
+    "large": {"train_ids": 10000, "images_per_id": 12},
     "tiny": {"train_ids": 16, "images_per_id": 4, "val_ids": 80, "pairs": 60},
 }
 
@@ -78,7 +81,7 @@ def settings_for(size: str = "default", **overrides: Any) -> SynthSettings:
 
 
 def parse_spec(spec: str) -> tuple[str, SynthSettings]:
-    """'synthfaces', 'synthfaces:small', 'synthfaces:tiny' -> (name, settings)."""
+    """'synthfaces', 'synthfaces:large', 'synthfaces:small', 'synthfaces:tiny' -> (name, settings)."""
     base, _, size = spec.partition(":")
     if base != "synthfaces":
         raise FacekdError(f"not a SynthFaces spec: {spec!r}")
@@ -732,11 +735,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-format", choices=["png", "jpg"], default="png", help="encoding of written images")
     p.add_argument("--out", help="output directory (or .bin file) for --write-format")
     p.add_argument("--grid", help="write a PNG grid of identities x images to this path")
+    p.add_argument("--generate", action="store_true",
+                   help="generate both splits into the cache now (e.g. the large set before a long teacher run)")
     p.add_argument("--cache-dir", help="cache root (default $FACEKD_CACHE or ~/.cache/facekd)")
     args = p.parse_args(argv)
-    if not (args.bench or args.write_format or args.grid):
-        p.error("nothing to do: give --bench, --write-format or --grid")
+    if not (args.bench or args.write_format or args.grid or args.generate):
+        p.error("nothing to do: give --generate, --bench, --write-format or --grid")
     settings = settings_for(args.size)
+    if args.generate:
+        for split in ("train", "val"):
+            data = load_split(settings, split, cache_dir=args.cache_dir, workers=args.workers)
+            print(f"{split}: {len(data['images'])} images cached in {_cache_dir(settings, args.cache_dir)}")
     if args.bench:
         r = bench(args.bench_images, args.workers)
         print(json.dumps({"dataset": "synthfaces", "version": SYNTHFACES_VERSION, "cpus": os.cpu_count(),

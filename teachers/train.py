@@ -8,6 +8,10 @@ Writes to --out (default runs/ARCH/teacher): model.safetensors, checkpoint.pt, l
 manifest.json (kind "teacher", with the dataset fingerprint, so later stages find a teacher trained on the same
 data), and upserts one `teacher` row per validation set into the results table (--results, default
 results/summary.csv; --no-results to skip).
+
+Long runs (hours to days on a CPU) are meant to run in the background: `status.json` in --out says where the run is
+and its ETA, `learning_curve.csv/.png` the accuracy on the --val sets every --eval-every steps; `touch OUT/STOP` (or
+SIGTERM/SIGINT) checkpoints and exits 0; the same command with `--resume` continues exactly, also on another day.
 """
 from __future__ import annotations
 
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     import facedata
     from engine.margin import MarginHead, MarginObjective
     from engine.presets import make_config
-    from engine.trainer import Trainer
+    from engine.trainer import Trainer, TrainingStopped
     from facekd.models import create_model
 
     try:
@@ -92,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     model = create_model(args.arch, **model_kwargs)
     head = MarginHead(model.embedding_dim, dataset.num_classes, margin=args.margin, s=args.s, m=args.m)
     objective = MarginObjective(head)
-    metrics = Trainer(model, objective, dataset, cfg, val_sets=val_sets).fit(resume=args.resume)
+    try:
+        metrics = Trainer(model, objective, dataset, cfg, val_sets=val_sets).fit(resume=args.resume)
+    except TrainingStopped as stop:  # a requested pause, not a failure: a background run exits 0
+        print(stop)
+        return 0
     if not is_main:
         return 0
 

@@ -228,3 +228,73 @@ def test_resume_refuses_changed_settings_naming_them(tiny_data, tmp_path) -> Non
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(FacekdError, match="cannot read checkpoint"):
         _trainer(tiny_data, tmp_path, steps=5).fit(resume=True)
+
+
+def test_stop_file_and_sigterm_checkpoint_cleanly_and_resume_to_identical_weights(tiny_data, tmp_path) -> None:
+    import json
+    import os
+    import signal
+
+    from engine.trainer import STOP_FILE, TrainingStopped
+
+    ref = _trainer(tiny_data, tmp_path / "ref", steps=7)
+    ref.fit()
+
+    run = tmp_path / "run"
+    (run).mkdir()
+    (run / STOP_FILE).write_text("")  # left over from an earlier pause: must not stop the next start
+    paused = _trainer(tiny_data, run, steps=7)
+    paused.objective.forward = _after_calls(paused.objective.forward, 2, lambda: (run / STOP_FILE).write_text(""))
+    with pytest.raises(TrainingStopped, match=rf"stopped at step 2/7 by {run / STOP_FILE}.*--resume"):
+        paused.fit()
+    assert not (run / STOP_FILE).exists()  # the request is consumed
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2  # off the ckpt_every=3 grid
+    status = json.loads((run / "status.json").read_text())
+    assert (status["step"], status["images_seen"], status["images_total"]) == (2, 32, 112)
+
+    signalled = _trainer(tiny_data, run, steps=7)
+    signalled.objective.forward = _after_calls(signalled.objective.forward, 2,
+                                               lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(TrainingStopped, match="stopped at step 4/7 by SIGTERM"):
+        signalled.fit(resume=True)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+    resumed = _trainer(tiny_data, run, steps=7)
+    resumed.fit(resume=True)
+    assert resumed.objective.calls == 3  # steps 5..7 only
+    for (name, x), y in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def _after_calls(forward, n, action):
+    calls = [0]
+
+    def wrapped(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == n:
+            action()
+        return out
+
+    return wrapped
+
+
+def test_learning_curve_rows_follow_the_log_and_survive_a_resume_truncation(tmp_path) -> None:
+    import json
+
+    from engine.trainer import learning_curve, write_learning_curve
+
+    lines = [{"event": "start", "step": 0},
+             {"step": 10, "images_seen": 640, "eval": {"synthfaces:small": {"accuracy": 0.61, "std": 0.02,
+                                                                            "auc": 0.66, "pairs": 600}}},
+             {"step": 10, "loss": 3.0},
+             "{cut by a crash",
+             {"step": 20, "images_seen": 1280, "eval": {"synthfaces:small": {"accuracy": 0.7, "std": 0.03,
+                                                                             "auc": 0.75, "pairs": 600}}}]
+    (tmp_path / "log.jsonl").write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    rows = learning_curve(tmp_path)
+    assert [(r["images_seen"], r["accuracy"]) for r in rows] == [(640, 0.61), (1280, 0.7)]
+    png = write_learning_curve(tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv = (tmp_path / "learning_curve.csv").read_text().splitlines()
+    assert csv[0].startswith("images_seen,step,set,accuracy") and csv[2].startswith("1280,20,synthfaces:small,0.7")
