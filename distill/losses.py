@@ -13,6 +13,12 @@ When d_s != d_t the student is first mapped by a learnable linear projection P (
                   angle potentials; it needs no projection because both Gram matrices are B x B.
 - `AdaDistillHead` AdaDistill (Boutros, Struc, Damer, ECCV 2024); see its docstring for the reading of the paper/code.
 
+Several teachers at once (`--teacher A+B`): the teacher embedding is the concatenation of the K teachers' embeddings
+and P maps to all of them (P stacks one projection per teacher). `blocks` (the teachers' dimensions) makes FeatureKD
+the mean of the per-teacher losses and LogitKD's logits the mean of the per-teacher cosine logits,
+z = k mean_j hat(x_j) hat(C_j)^T, for the student (x = P s) and the teacher (x = t) alike. One block is the single
+teacher formula exactly.
+
 The hard-label margin loss (ArcFace / CosFace) is `engine.margin.MarginHead`, used by `DistillObjective`.
 """
 from __future__ import annotations
@@ -24,41 +30,55 @@ from torch import Tensor, nn
 FEATURE_METRICS = ("cosine", "mse")
 
 
-class FeatureKD(nn.Module):
-    """Embedding matching between L2-normalised student (already projected to d_t) and teacher embeddings."""
+def _split(x: Tensor, blocks: tuple[int, ...] | None) -> tuple[Tensor, ...]:
+    return (x,) if blocks is None else torch.split(x, list(blocks), dim=1)
 
-    def __init__(self, metric: str = "cosine") -> None:
+
+class FeatureKD(nn.Module):
+    """Embedding matching between L2-normalised student (already projected to d_t) and teacher embeddings.
+
+    `blocks`: the teachers' dimensions when t concatenates several teachers; the loss is the mean over teachers.
+    """
+
+    def __init__(self, metric: str = "cosine", blocks: tuple[int, ...] | None = None) -> None:
         super().__init__()
         if metric not in FEATURE_METRICS:
             raise ValueError(f"metric must be one of {FEATURE_METRICS}, got {metric!r}")
-        self.metric = metric
+        self.metric, self.blocks = metric, tuple(blocks) if blocks else None
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        s, t = F.normalize(student.float(), dim=1), F.normalize(teacher.float(), dim=1)
-        if self.metric == "cosine":
-            return (1.0 - (s * t).sum(dim=1)).mean()
-        return F.mse_loss(s, t)  # mean over B x d_t entries = mean_i ||s_i - t_i||^2 / d_t
+        losses = []
+        for sb, tb in zip(_split(student.float(), self.blocks), _split(teacher.float(), self.blocks)):
+            s, t = F.normalize(sb, dim=1), F.normalize(tb, dim=1)
+            # mse: mean over B x d_t entries = mean_i ||s_i - t_i||^2 / d_t
+            losses.append((1.0 - (s * t).sum(dim=1)).mean() if self.metric == "cosine" else F.mse_loss(s, t))
+        return torch.stack(losses).mean()
 
 
 class LogitKD(nn.Module):
     """Temperature-scaled KL divergence between student and teacher logits over the teacher's class centres.
 
     `centres` (C x d_t) is registered as a buffer and renormalised; `scale` is the cosine-logit scale k (the ArcFace
-    s), `temperature` is T. The T^2 factor keeps gradient magnitudes comparable across temperatures.
+    s), `temperature` is T. The T^2 factor keeps gradient magnitudes comparable across temperatures. `blocks`: the
+    teachers' dimensions when embeddings and centres concatenate several teachers (logits = mean of theirs).
     """
 
-    def __init__(self, centres: Tensor, temperature: float = 4.0, scale: float = 64.0) -> None:
+    def __init__(self, centres: Tensor, temperature: float = 4.0, scale: float = 64.0,
+                 blocks: tuple[int, ...] | None = None) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.blocks = tuple(blocks) if blocks else None
+        centres = torch.as_tensor(centres, dtype=torch.float32)
         # not persistent: the centres come from the teacher cache, and C x D floats would bloat every checkpoint
-        self.register_buffer("centres", F.normalize(torch.as_tensor(centres, dtype=torch.float32), dim=1),
+        self.register_buffer("centres", torch.cat([F.normalize(c, dim=1) for c in _split(centres, self.blocks)], 1),
                              persistent=False)
         self.temperature = float(temperature)
         self.scale = float(scale)
 
     def logits(self, embeddings: Tensor) -> Tensor:
-        return self.scale * F.normalize(embeddings.float(), dim=1) @ self.centres.T
+        parts = zip(_split(embeddings.float(), self.blocks), _split(self.centres, self.blocks))
+        return self.scale * torch.stack([F.normalize(x, dim=1) @ c.T for x, c in parts]).mean(0)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         T = self.temperature

@@ -8,6 +8,10 @@ t comes from a teacher source: `CachedTeacher` (the knowledge cache, looked up b
 `batch["flipped"]`; no teacher forward at all) or `OnlineTeacher` (runs the teacher on `batch["images"]`, for
 augmentations the cache cannot hold). P is one learnable linear projection d_s -> d_t, present when the dimensions
 differ and a loss needs the teacher's space; it is training-only (not part of the saved student).
+
+Several teachers (`TeacherEnsemble`, `--teacher A+B`): t is the concatenation of the teachers' unit embeddings, each
+scaled by 1/sqrt(K) (so t is unit-norm and its batch Gram matrix is the mean of the teachers'), P stacks one
+projection per teacher, and the losses take the teachers' dimensions as `blocks` (see distill/losses.py).
 """
 from __future__ import annotations
 
@@ -58,6 +62,25 @@ class CachedTeacher:
         if flipped.dim() == 0:
             flipped = flipped.expand(len(batch["indices"]))
         return self.cache.lookup(batch["indices"], flipped)
+
+
+class TeacherEnsemble:
+    """Several teacher sources as one: concatenated unit embeddings scaled by 1/sqrt(K); `blocks` = their dims."""
+
+    def __init__(self, teachers: list[Any]) -> None:
+        if len(teachers) < 2:
+            raise ValueError("an ensemble needs at least two teachers")
+        self.teachers = list(teachers)
+        self.blocks = tuple(int(t.embedding_dim) for t in self.teachers)
+        self.embedding_dim = sum(self.blocks)
+
+    def __call__(self, batch: Mapping[str, Any]) -> Tensor:
+        scale = len(self.teachers) ** -0.5
+        return torch.cat([F.normalize(t(batch).float(), dim=1) * scale for t in self.teachers], dim=1)
+
+    @staticmethod
+    def join_centres(centres: list[Tensor]) -> Tensor:
+        return torch.cat([F.normalize(torch.as_tensor(c, dtype=torch.float32), dim=1) for c in centres], dim=1)
 
 
 class OnlineTeacher:
@@ -114,22 +137,27 @@ class DistillObjective(nn.Module):
         if self.kd and teacher is None:
             raise FacekdError(f"--kd {kd_label(self.kd)} needs a teacher (cache or online)")
         self.teacher = teacher
+        blocks = getattr(teacher, "blocks", None)
+        if blocks and "adadistill" in self.kd:
+            raise FacekdError("--kd adadistill distils one teacher's centres; use one teacher, or feature/logit/"
+                              "relational with several")
         teacher_dim = int(teacher_dim or getattr(teacher, "embedding_dim", 0) or student_dim)
+        # several teachers always need P (one projection per teacher, stacked), even when their sum equals d_s
         self.proj = (nn.Linear(student_dim, teacher_dim, bias=False)
-                     if teacher_dim != student_dim and _PROJECTED & set(self.kd) else nn.Identity())
+                     if (teacher_dim != student_dim or blocks) and _PROJECTED & set(self.kd) else nn.Identity())
         if "adadistill" in self.kd:
             self.adadistill = AdaDistillHead(teacher_dim, num_classes, margin=margin, s=s, m=adadistill_m)
         else:
             self.head = MarginHead(student_dim, num_classes, margin=margin, s=s, m=m)
         if "feature" in self.kd:
-            self.feature = FeatureKD(feature_metric)
+            self.feature = FeatureKD(feature_metric, blocks=blocks)
         if "logit" in self.kd:
             if centres is None:
                 raise FacekdError("--kd logit needs the teacher's class centres (from the teacher cache)")
             if tuple(centres.shape) != (num_classes, teacher_dim):
                 raise FacekdError(f"teacher centres are {tuple(centres.shape)}, expected ({num_classes}, "
                                   f"{teacher_dim}): the cache was built for another dataset or teacher")
-            self.logit = LogitKD(centres, temperature=temperature, scale=logit_scale)
+            self.logit = LogitKD(centres, temperature=temperature, scale=logit_scale, blocks=blocks)
         if "relational" in self.kd:
             self.relational = RelationalKD()
 

@@ -4,6 +4,9 @@ The student (default MobileFaceNet) trains with `engine.Trainer` on a margin sof
 (distill/losses.py). Teacher embeddings come from the teacher knowledge cache (teachers/cache.py), so the teacher
 never runs in a student step; `--online-teacher` runs it instead (for augmentations a cache cannot hold).
 
+Several teachers at once: `--teacher sface+dlib_resnet` distils from each teacher's cache (feature KD through one
+projection per teacher, logit KD against the mean of their class-centre logits; distill/objective.py).
+
 Teacher resolution, in order: --teacher-weights; a matching teacher cache (runs/NAME/cache, runs/teacher-cache/,
 teachers/zoo/); a teacher trained earlier by `teachers.train` on the same data (runs/*/teacher/manifest.json);
 otherwise, on SynthFaces only, the teacher is trained first (with a printed, estimated duration).
@@ -31,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m distill.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--teacher", required=True, help="teacher: registry name (r18..r200, timm:NAME), onnx:PATH, sface")
+    p.add_argument("--teacher", required=True,
+                   help="teacher: registry name (r18..r200, timm:NAME), onnx:PATH, sface, dlib_resnet; "
+                        "several joined by '+' (e.g. sface+dlib_resnet) distil from all of them")
     p.add_argument("--teacher-weights", help="facekd checkpoint or insightface backbone.pth of the teacher")
     p.add_argument("--student", default="mobilefacenet", help="student registry name")
     p.add_argument("--data", default="synthfaces", help="training set spec (facedata.open_train_set)")
@@ -158,8 +163,27 @@ def resolve_teacher(args: argparse.Namespace, dataset: Any, out: Path, preset: s
     return {"weights": teacher_out / "model.safetensors", "cache": None, "how": f"teacher trained now ({teacher_out})"}
 
 
-def teacher_cache(args: argparse.Namespace, dataset: Any, out: Path, weights: Path | None, device: str):
-    """The cache for these weights: found (runs/NAME/cache, runs/teacher-cache, zoo) or built into runs/NAME/cache."""
+def resolve_teachers(args: argparse.Namespace, dataset: Any, out: Path, preset: str, device: str) -> dict[str, Any]:
+    """`resolve_teacher` for one name; for 'A+B' one resolution per teacher under "members"."""
+    names = [n.strip() for n in args.teacher.split("+")]
+    if len(names) == 1:
+        return resolve_teacher(args, dataset, out, preset, device)
+    if "" in names or len(set(names)) != len(names):
+        raise FacekdError(f"--teacher {args.teacher!r}: give distinct teacher names joined by '+'")
+    if args.teacher_weights or args.online_teacher:
+        raise FacekdError("several teachers are distilled from their caches: --teacher-weights and --online-teacher "
+                          "take one teacher (build each cache first with python -m teachers.cache)")
+    members = [(n, resolve_teacher(argparse.Namespace(**{**vars(args), "teacher": n}), dataset, out, preset, device))
+               for n in names]
+    return {"weights": None, "cache": None, "members": members,
+            "how": "; ".join(f"{n}: {info['how']}" for n, info in members)}
+
+
+def teacher_cache(args: argparse.Namespace, dataset: Any, out: Path, weights: Path | None, device: str,
+                  build_dir: Path | None = None):
+    """The cache for these weights: found (build_dir, runs/NAME/cache, runs/teacher-cache, zoo) or built into
+    build_dir (default runs/NAME/cache; each teacher of an ensemble has its own, runs/NAME/cache-TEACHER)."""
+    build_dir = build_dir or out / "cache"
     from teachers.cache import TeacherCache, build_cache, cache_key, known_teacher_key, search_dirs, teacher_embedder
 
     known = None if weights else known_teacher_key(args.teacher)
@@ -169,22 +193,22 @@ def teacher_cache(args: argparse.Namespace, dataset: Any, out: Path, weights: Pa
     else:
         embed, sha, pre = teacher_embedder(args.teacher, str(weights) if weights else None, device)
     key = cache_key(teacher_arch=args.teacher, teacher_sha256=sha, dataset=dataset, preprocessing=pre)
-    cache = TeacherCache.find(key, search_dirs(out))
+    cache = TeacherCache.find(key, [build_dir, *search_dirs(out)])
     if cache is None and _rank() != 0:  # under torchrun only rank 0 builds; the others wait for its rename
         deadline = time.monotonic() + 6 * 3600
         while cache is None and time.monotonic() < deadline:
             time.sleep(5)
-            cache = TeacherCache.find(key, [out / "cache"])
+            cache = TeacherCache.find(key, [build_dir])
         if cache is None:
-            raise FacekdError(f"rank {_rank()}: gave up waiting for rank 0 to build the teacher cache in {out / 'cache'}")
+            raise FacekdError(f"rank {_rank()}: gave up waiting for rank 0 to build the teacher cache in {build_dir}")
     if cache is None:
-        stale = out / "cache"
+        stale = build_dir
         if (stale / "manifest.json").is_file():
             print(f"teacher cache {stale} does not match this teacher/data; rebuilding it")
         if embed is None:
             embed = teacher_embedder(args.teacher, None, device)[0]
         workers = args.workers if args.workers is not None else (4 if device == "cuda" else 0)
-        cache = build_cache(embed, dataset, out / "cache", key=key, batch_size=args.cache_batch_size,
+        cache = build_cache(embed, dataset, build_dir, key=key, batch_size=args.cache_batch_size,
                             workers=workers, settings={"teacher": args.teacher, "data": args.data})
     return cache
 
@@ -223,7 +247,24 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
     torch.manual_seed(args.seed)
     student = create_model(args.student)
     teacher, cache, teacher_dim = None, teacher_info.get("cache"), None
-    if kd:
+    members = teacher_info.get("members")
+    if kd and members:  # several teachers: one cache each, as one ensemble source
+        from distill.objective import TeacherEnsemble
+
+        caches = []
+        for name, info in members:
+            if info.get("cache") is None:
+                slug = name.replace(":", "_").replace("/", "_")
+                info["cache"] = teacher_cache(argparse.Namespace(**{**vars(args), "teacher": name}), dataset, out,
+                                              info["weights"], device, build_dir=out / f"cache-{slug}")
+            if info["cache"].num_images != len(dataset):
+                raise FacekdError(f"teacher cache {info['cache'].root} holds {info['cache'].num_images} images, "
+                                  f"the data {len(dataset)}")
+            caches.append(info["cache"])
+        teacher = TeacherEnsemble([CachedTeacher(c) for c in caches])
+        teacher_dim = teacher.embedding_dim
+        centres = TeacherEnsemble.join_centres([c.centres for c in caches])
+    elif kd:
         if cache is None and (not args.online_teacher or "logit" in kd):
             cache = teacher_cache(args, dataset, out, teacher_info["weights"], device)
             teacher_info["cache"] = cache
@@ -238,10 +279,12 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
             teacher, teacher_dim = CachedTeacher(cache), cache.embedding_dim
         if cache is not None and cache.num_images != len(dataset):
             raise FacekdError(f"teacher cache {cache.root} holds {cache.num_images} images, the data {len(dataset)}")
+    if not (kd and members):
+        centres = cache.centres if cache is not None else None
     weights = {name: getattr(args, f"w_{name}") for name in DEFAULT_WEIGHTS}
     objective = DistillObjective(kd, student_dim=student.embedding_dim, num_classes=dataset.num_classes,
                                  teacher=teacher, teacher_dim=teacher_dim,
-                                 centres=cache.centres if cache is not None else None, margin=args.margin, s=args.s,
+                                 centres=centres, margin=args.margin, s=args.s,
                                  m=args.m, weights=weights, temperature=args.temperature,
                                  logit_scale=args.logit_scale, feature_metric=args.feature_metric,
                                  adadistill_m=args.adadistill_m)
@@ -259,6 +302,8 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
         inputs["teacher_sha256"] = sha256_file(teacher_info["weights"])
     if cache is not None:
         inputs["teacher_cache"] = cache.manifest.get("fingerprint", "")
+    if members and kd:
+        inputs["teacher_caches"] = [info["cache"].manifest.get("fingerprint", "") for _, info in members]
     write_manifest(run_dir, "student", settings, inputs=inputs, dataset=dataset.name, teacher=teacher_info["how"],
                    model="model.safetensors", val={k: v["accuracy"] for k, v in (metrics.get("val") or {}).items()})
     return {"metrics": metrics, "student": student}
@@ -282,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     val_specs = args.val if args.val is not None else ([args.data] if args.data.split(":")[0] == "synthfaces" else [])
     val_sets = [facedata.open_verification_set(v) for v in val_specs]
     out = Path(args.out or RUNS / f"distill-{args.student}-{args.teacher}".replace(":", "_").replace("/", "_"))
-    teacher_info = (resolve_teacher(args, dataset, out, preset, device) if any(kd_settings)
+    teacher_info = (resolve_teachers(args, dataset, out, preset, device) if any(kd_settings)
                     else {"weights": None, "cache": None, "how": "none (--kd none)"})
     print(f"teacher: {args.teacher} from {teacher_info['how']}")
     command = " ".join(["python -m distill.run", *(argv if argv is not None else sys.argv[1:])])
@@ -305,14 +350,15 @@ def main(argv: list[str] | None = None) -> int:
                 table.upsert_rows(rows, args.results or table.DEFAULT_PATH)
         accs = ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in (metrics.get("val") or {}).items())
         summary.append(f"  kd={label:<22} {accs or 'no validation set'}  -> {run_dir}")
-    cache = teacher_info.get("cache")
-    if _rank() == 0 and cache is not None and not args.no_results:  # the teacher's accuracy, as its cache recorded it
-        from facekd import table
-        from teachers.cache import teacher_rows
+    infos = [info for _, info in teacher_info.get("members", [])] or [teacher_info]
+    for cache in [info.get("cache") for info in infos]:
+        if _rank() == 0 and cache is not None and not args.no_results:  # the teacher's accuracy, as its cache has it
+            from facekd import table
+            from teachers.cache import teacher_rows
 
-        rows = teacher_rows(cache.manifest)
-        if rows:
-            table.upsert_rows(rows, args.results or table.DEFAULT_PATH, stamp=False)
+            rows = teacher_rows(cache.manifest)
+            if rows:
+                table.upsert_rows(rows, args.results or table.DEFAULT_PATH, stamp=False)
     if _rank() == 0:
         print("distillation done:\n" + "\n".join(summary))
     return 0

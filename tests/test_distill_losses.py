@@ -193,3 +193,60 @@ def test_online_teacher_renormalises_to_teacher_preprocessing_and_stays_frozen()
     # the teacher is not part of the objective's parameters or state
     obj = DistillObjective("feature", student_dim=3, num_classes=2, teacher=teacher)
     assert not any(k.startswith("teacher") for k in obj.state_dict())
+
+
+# ------------------------------------------------------------------------------------------- several teachers
+
+def test_blocked_feature_and_logit_kd_are_the_mean_of_the_per_teacher_losses() -> None:
+    import torch.nn.functional as F
+
+    from distill.losses import FeatureKD, LogitKD
+
+    g = torch.Generator().manual_seed(0)
+    s1, s2 = torch.randn(6, 4, generator=g), torch.randn(6, 3, generator=g)
+    t1, t2 = torch.randn(6, 4, generator=g), torch.randn(6, 3, generator=g)
+    c1, c2 = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
+    s, t, c = torch.cat([s1, s2], 1), torch.cat([t1, t2], 1), torch.cat([c1, c2], 1)
+    for metric in ("cosine", "mse"):
+        expected = (FeatureKD(metric)(s1, t1) + FeatureKD(metric)(s2, t2)) / 2
+        assert torch.allclose(FeatureKD(metric, blocks=(4, 3))(s, t), expected, atol=1e-6)
+
+    def cos_logits(x, centres):  # by hand: k * cos(x_i, c_j)
+        return 8.0 * F.normalize(x, dim=1) @ F.normalize(centres, dim=1).T
+
+    z_s = (cos_logits(s1, c1) + cos_logits(s2, c2)) / 2
+    z_t = (cos_logits(t1, c1) + cos_logits(t2, c2)) / 2
+    p_t = torch.softmax(z_t / 2.0, 1)
+    expected = 4.0 * (p_t * (p_t.log() - torch.log_softmax(z_s / 2.0, 1))).sum(1).mean()
+    blocked = LogitKD(c, temperature=2.0, scale=8.0, blocks=(4, 3))
+    assert torch.allclose(blocked(s, t), expected, atol=1e-5)
+    single = LogitKD(c1, temperature=2.0, scale=8.0)  # one block = the single-teacher formula
+    assert torch.allclose(LogitKD(c1, temperature=2.0, scale=8.0, blocks=(4,))(s1, t1), single(s1, t1))
+
+
+def test_teacher_ensemble_is_unit_norm_and_its_gram_is_the_mean_of_the_teachers() -> None:
+    import torch.nn.functional as F
+
+    from distill.objective import DistillObjective, TeacherEnsemble
+
+    g = torch.Generator().manual_seed(1)
+    t1, t2 = torch.randn(5, 4, generator=g), torch.randn(5, 6, generator=g)
+
+    class Source:
+        def __init__(self, t):
+            self.t, self.embedding_dim = t, t.shape[1]
+
+        def __call__(self, batch):
+            return self.t
+
+    ens = TeacherEnsemble([Source(t1), Source(t2)])
+    t = ens({})
+    assert ens.blocks == (4, 6) and t.shape == (5, 10)
+    assert torch.allclose(t.norm(dim=1), torch.ones(5), atol=1e-6)
+    grams = [F.normalize(x, dim=1) @ F.normalize(x, dim=1).T for x in (t1, t2)]
+    assert torch.allclose(t @ t.T, (grams[0] + grams[1]) / 2, atol=1e-6)
+    # the student's projection covers both teachers even when d_s equals their sum; AdaDistill is refused
+    obj = DistillObjective("feature", student_dim=10, num_classes=3, teacher=ens)
+    assert isinstance(obj.proj, torch.nn.Linear) and obj.proj.out_features == 10
+    with pytest.raises(FacekdError, match="adadistill distils one teacher"):
+        DistillObjective("adadistill", student_dim=10, num_classes=3, teacher=ens)

@@ -177,3 +177,40 @@ def test_sface_on_default_synthfaces_uses_the_shipped_cache_without_loading_sfac
     args = argparse.Namespace(teacher="sface", data="synthfaces")
     cache = run.teacher_cache(args, ds, tmp_path / "runs" / "x", None, "cpu")
     assert cache.root == teachers.cache.ZOO_DIR / "sface-synthfaces" and cache.num_images == 20000
+
+
+@pytest.mark.slow
+def test_two_teachers_each_get_a_cache_and_one_projection_and_ensemble_errors(tmp_path, monkeypatch, capsys):
+    import facedata
+    from facekd.io import write_manifest
+    from facekd.models import create_model, save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    fp = facedata.open_train_set("synthfaces:tiny").fingerprint
+    torch.manual_seed(0)
+    dims = {}
+    for arch, dim in (("mobilefacenet", 64), ("mobilefacenet_s", 32)):  # two teachers trained earlier on this data
+        d = tmp_path / "runs" / arch / "teacher"
+        d.mkdir(parents=True)
+        model = create_model(arch, embedding_dim=dim)
+        dims[arch] = model.embedding_dim
+        save_checkpoint(model, d / "model.safetensors")
+        write_manifest(d, "teacher", {"arch": arch}, inputs={"dataset": fp}, model="model.safetensors")
+    argv = ["--teacher", "mobilefacenet+mobilefacenet_s", "--data", "synthfaces:tiny", "--preset", "smoke",
+            "--kd", "feature+logit", "--steps", "3", "--batch-size", "16", "--workers", "0", "--out", "runs/two",
+            "--no-results"]
+    assert run.main(argv) == 0
+    student = tmp_path / "runs" / "two" / "student"
+    state = torch.load(student / "checkpoint.pt", map_location="cpu", weights_only=True)
+    # one projection per teacher, stacked
+    assert tuple(state["objective"]["proj.weight"].shape) == (sum(dims.values()), 128) and dims["mobilefacenet"] == 64
+    for arch, dim in dims.items():
+        emb = np.load(tmp_path / "runs" / "two" / f"cache-{arch}" / "embeddings.npy")
+        assert emb.shape == (64, 2, dim)
+    manifest = json.loads((student / "manifest.json").read_text())
+    assert len(manifest["inputs"]["teacher_caches"]) == 2
+    for bad, message in ((["--teacher", "mobilefacenet+mobilefacenet"], "distinct teacher names"),
+                         (["--teacher", "mobilefacenet+mobilefacenet_s", "--online-teacher"], "take one teacher")):
+        with pytest.raises(SystemExit) as exc:
+            run.main([*bad, "--data", "synthfaces:tiny", "--preset", "smoke", "--out", "runs/bad"])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
