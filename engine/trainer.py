@@ -403,8 +403,10 @@ class Trainer:
         model.eval()
         try:
             with torch.no_grad():
+                # the final evaluation keeps its embeddings (val_embeddings/SET.npy) for paired tests between runs
+                keep = self.out / "val_embeddings" if done == self.cfg.steps else None
                 results = evaluate_sets(module_embedder(model, self.preprocessing, device=str(self.device)),
-                                        self.val_sets, flip=True, progress=False)
+                                        self.val_sets, flip=True, progress=False, embeddings_dir=keep)
         finally:
             model.train(was_training)
         brief = {name: {k: v for k, v in m.items() if k != "roc"} for name, m in results.items()}

@@ -22,12 +22,14 @@ SUMMARY_KEYS = ("accuracy", "std", "tar_at_far", "auc", "eer", "pairs")
 
 def evaluate_sets(embedder, sets: Iterable[Any], flip: bool = True, batch_size: int = 256,
                   roc_dir: str | Path | None = None, nfolds: int | None = None, progress: bool = True,
-                  cache: bool = False) -> dict[str, dict]:
+                  cache: bool = False, embeddings_dir: str | Path | None = None) -> dict[str, dict]:
     """Verification metrics of `embedder` on each set (objects with `name`, `images` (2P,H,W,3) uint8, `issame`).
 
     Folds: `nfolds` when given, else the set's own `nfolds` (LFW's pairs.txt header, SynthFaces' identity-disjoint
     folds), else 10. Returns `{set name: verification_metrics(...) plus "nfolds"}` (a repeated name gets a `#2`
     suffix); with `roc_dir`, also writes `roc_dir/roc_<name>.png` per set. `cache`: see `evaluate.embed.embed_set`.
+    `embeddings_dir`: also keep each set's normalised embeddings there as `<name>.npy` (fp16, 2P x D), so paired
+    comparisons between models on the same pairs (results.study) need no second pass over the images.
     """
     from evaluate.embed import embed_set
 
@@ -40,6 +42,14 @@ def evaluate_sets(embedder, sets: Iterable[Any], flip: bool = True, batch_size: 
         if len(vset.images) != 2 * len(vset.issame):
             raise FacekdError(f"set {name}: {len(vset.images)} images for {len(vset.issame)} pairs")
         embeddings = embed_set(embedder, vset, batch_size=batch_size, flip=flip, progress=progress, cache=cache)
+        if embeddings_dir is not None:
+            import numpy as np
+
+            from facekd.io import atomic_path
+
+            with atomic_path(Path(embeddings_dir) / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', unique)}.npy") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, embeddings.astype(np.float16))
         folds = nfolds or int(getattr(vset, "nfolds", 10) or 10)
         results[unique] = verification_metrics(embeddings, vset.issame, nfolds=folds)
         results[unique]["nfolds"] = folds

@@ -209,6 +209,8 @@ def test_two_teachers_each_get_a_cache_and_one_projection_and_ensemble_errors(tm
         assert emb.shape == (64, 2, dim)
     manifest = json.loads((student / "manifest.json").read_text())
     assert len(manifest["inputs"]["teacher_caches"]) == 2
+    # the final evaluation keeps its embeddings for paired tests (60 pairs -> 120 images)
+    assert np.load(student / "val_embeddings" / "synthfaces_tiny.npy").shape == (120, 128)
     for bad, message in ((["--teacher", "mobilefacenet+mobilefacenet"], "distinct teacher names"),
                          (["--teacher", "mobilefacenet+mobilefacenet_s", "--online-teacher"], "take one teacher")):
         with pytest.raises(SystemExit) as exc:
