@@ -229,10 +229,10 @@ def read_dlib_network(path: str | Path) -> tuple[dict[str, Any], list[int], list
         versions.append(r.int())
         if len(versions) > 10_000:
             raise r.fail("no input layer")
-    if r.expect(("input_rgb_image_sized",)):
-        mean = [r.float() for _ in range(3)]
-        size = (r.int(), r.int())
-    input_layer = {"mean": mean, "size": size}
+    if not versions or versions[-1] not in (2, 3):
+        raise r.fail("unknown input layer version")
+    r.expect(("input_rgb_image_sized",))
+    input_layer = {"mean": [r.float() for _ in range(3)], "size": (r.int(), r.int())}
     layers = []
     for i, version in enumerate(reversed(versions)):
         if i > 0 and version == 1:
@@ -240,7 +240,7 @@ def read_dlib_network(path: str | Path) -> tuple[dict[str, Any], list[int], list
         layers.append(_read_details(r))
         for _ in range(3):  # setup called, gradient stale, output disabled
             r.bool()
-        for _ in range(3 if i == 0 or version == 2 else 2):  # x_grad, cached output, params_grad / grad_final
+        for _ in range(3):  # x_grad, cached output, params_grad (grad_final for the input layer): empty when saved
             if r.tensor().size:
                 raise r.fail("a saved network with cached tensors")
         if i == 0 and version == 3:
@@ -359,7 +359,10 @@ def load_dlib_weights(model: DlibResNet, path: str | Path) -> DlibResNet:
             raise FacekdError(f"{path}: conv {layer['weight'].shape} stride {layer['stride']} padding "
                               f"{layer['padding']} does not fit {tuple(target.weight.shape)}")
         target.weight.copy_(torch.from_numpy(layer["weight"]))
-        target.bias.copy_(torch.from_numpy(layer["bias"]))
+        if layer["bias"] is None:
+            target.bias.zero_()
+        else:
+            target.bias.copy_(torch.from_numpy(layer["bias"]))
 
     def scale(target: nn.Conv2d) -> None:
         layer = next(layers)
