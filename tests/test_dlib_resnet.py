@@ -54,8 +54,15 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
-def test_registered() -> None:
+def test_registered_and_counted_on_meta() -> None:
+    from facekd.models import count_macs, count_params
+
     assert "dlib_resnet" in list_models("teacher")
+    with torch.device("meta"):  # how `python -m teachers list` counts it: no weights file needed
+        model = create_model("dlib_resnet")
+    # 29 convs + 29 affines + the fc, as many values as the .dat holds (dlib says 5.6M)
+    assert count_params(model) == 5_614_592 and model.embedding_dim == 128 and model.input_size == (112, 112)
+    assert count_macs(model) == 271_473_856  # conv + linear multiply-adds at 150x150, the 1x1 affines included
 
 
 def test_chip_transform_is_the_least_squares_similarity() -> None:
