@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m distill.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--teacher", required=True, help="teacher: registry name (r18..r200, timm:NAME), onnx:PATH, sface, dlib_resnet")
+    p.add_argument("--teacher", required=True,
+                   help="teacher: registry name (r18..r200, timm:NAME), onnx:PATH, sface, dlib_resnet")
     p.add_argument("--teacher-weights", help="facekd checkpoint or insightface backbone.pth of the teacher")
     p.add_argument("--student", default="mobilefacenet", help="student registry name")
     p.add_argument("--data", default="synthfaces", help="training set spec (facedata.open_train_set)")

@@ -232,7 +232,7 @@ def known_teacher_key(teacher: str) -> tuple[str, dict[str, Any]] | None:
 
 
 def teacher_embedder(teacher: str, weights: str | None, device: str = "cpu") -> tuple[Embed, str, dict]:
-    """(embedder, weights sha256, preprocessing) for a registry name + weights file, `onnx:PATH`, `sface`, `dlib_resnet`."""
+    """(embedder, weights sha256, preprocessing): registry name + weights file, `onnx:PATH`, `sface`, `dlib_resnet`."""
     from facekd import models
 
     if weights:
@@ -297,7 +297,8 @@ def search_dirs(run_dir: str | os.PathLike | None = None) -> list[Path]:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m teachers.cache", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--teacher", required=True, help="registry name (r18..r200, timm:NAME), onnx:PATH, sface or dlib_resnet")
+    ap.add_argument("--teacher", required=True,
+                    help="registry name (r18..r200, timm:NAME), onnx:PATH, sface or dlib_resnet")
     ap.add_argument("--teacher-weights", help="facekd checkpoint (.safetensors) or insightface backbone.pth")
     ap.add_argument("--data", default="synthfaces", help="training set spec (facedata.open_train_set)")
     ap.add_argument("--out", help=f"cache directory (default {DEFAULT_ROOT}/TEACHER-DATA-KEY)")

