@@ -130,8 +130,9 @@ def resolve_teacher(args: argparse.Namespace, dataset: Any, out: Path, preset: s
         if not Path(args.teacher_weights).is_file():
             raise FacekdError(f"--teacher-weights not found: {args.teacher_weights}")
         return {"weights": Path(args.teacher_weights), "cache": None, "how": "--teacher-weights"}
-    if args.teacher.startswith("onnx:") or args.teacher == "sface":
-        return {"weights": None, "cache": None, "how": "ONNX teacher"}
+    if args.teacher.startswith("onnx:") or args.teacher in ("sface", "dlib_resnet"):
+        return {"weights": None, "cache": None,
+                "how": "pretrained PyTorch teacher" if args.teacher == "dlib_resnet" else "ONNX teacher"}
     partial = {"teacher_arch": args.teacher, **dataset_key(dataset), "cache_format": CACHE_FORMAT}
     cache = TeacherCache.find(partial, search_dirs(out))
     if cache is not None and not args.online_teacher:
@@ -269,10 +270,11 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
             cache = teacher_cache(args, dataset, out, teacher_info["weights"], device)
             teacher_info["cache"] = cache
         if args.online_teacher:
-            if teacher_info["weights"] is None:
+            if teacher_info["weights"] is None and args.teacher != "dlib_resnet":
                 raise FacekdError("--online-teacher needs PyTorch teacher weights (--teacher-weights, or a teacher "
                                   "trained by teachers.train); a cache or ONNX teacher cannot run online")
-            model = load_checkpoint(teacher_info["weights"], arch=args.teacher)
+            model = (load_checkpoint(teacher_info["weights"], arch=args.teacher) if teacher_info["weights"]
+                     else create_model(args.teacher).eval())  # dlib_resnet: pretrained weights built in
             teacher = OnlineTeacher(model, student_preprocessing=student.preprocessing)
             teacher_dim = teacher.embedding_dim
         else:

@@ -219,7 +219,11 @@ def build_cache(embed: Embed, dataset: Any, out: str | os.PathLike, *, key: dict
 
 
 def known_teacher_key(teacher: str) -> tuple[str, dict[str, Any]] | None:
-    """(sha256, preprocessing) of a teacher whose file is fixed and known without loading it (SFace), else None."""
+    """(sha256, preprocessing) of a teacher whose file is fixed and known without loading it (SFace, dlib_resnet)."""
+    if teacher == "dlib_resnet":
+        from teachers.dlib_resnet import DLIB_PREPROCESSING, DLIB_SHA256
+
+        return DLIB_SHA256, dict(DLIB_PREPROCESSING)
     if teacher != "sface":
         return None
     from teachers.onnx_teacher import SFACE_PREPROCESSING, SFACE_SHA256
@@ -228,7 +232,7 @@ def known_teacher_key(teacher: str) -> tuple[str, dict[str, Any]] | None:
 
 
 def teacher_embedder(teacher: str, weights: str | None, device: str = "cpu") -> tuple[Embed, str, dict]:
-    """(embedder, weights sha256, preprocessing) for a registry name + weights file, `onnx:PATH`, or `sface`."""
+    """(embedder, weights sha256, preprocessing): registry name + weights file, `onnx:PATH`, `sface`, `dlib_resnet`."""
     from facekd import models
 
     if weights:
@@ -242,6 +246,11 @@ def teacher_embedder(teacher: str, weights: str | None, device: str = "cpu") -> 
         embedder = models.load_embedder(teacher, device=device)
         # the file as given, not the repaired copy onnxruntime runs: the key must not move when the repair does
         sha = sha256_file(teacher[5:] if teacher.startswith("onnx:") else sface_path())
+    elif teacher == "dlib_resnet":  # pretrained PyTorch weights from face-recognition-models, run as its ONNX export
+        from evaluate.embed import module_embedder
+        from teachers.dlib_resnet import DLIB_SHA256
+
+        embedder, sha = module_embedder(models.create_model(teacher).eval(), device=device), DLIB_SHA256
     else:
         raise FacekdError(f"teacher {teacher!r} needs --teacher-weights (a facekd checkpoint or an insightface "
                           f"backbone.pth); random weights teach nothing")
@@ -288,7 +297,8 @@ def search_dirs(run_dir: str | os.PathLike | None = None) -> list[Path]:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m teachers.cache", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--teacher", required=True, help="registry name (r18..r200, timm:NAME), onnx:PATH or sface")
+    ap.add_argument("--teacher", required=True,
+                    help="registry name (r18..r200, timm:NAME), onnx:PATH, sface or dlib_resnet")
     ap.add_argument("--teacher-weights", help="facekd checkpoint (.safetensors) or insightface backbone.pth")
     ap.add_argument("--data", default="synthfaces", help="training set spec (facedata.open_train_set)")
     ap.add_argument("--out", help=f"cache directory (default {DEFAULT_ROOT}/TEACHER-DATA-KEY)")
