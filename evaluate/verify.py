@@ -1,7 +1,7 @@
 """Face-verification accuracy of a model on pair sets: `python -m evaluate.verify MODEL SET [SET ...]`.
 
 MODEL is an ONNX file (run with onnxruntime; preprocessing from its facekd metadata or the flags) or anything
-`facekd.models.load_embedder` resolves (facekd `.safetensors` checkpoint, insightface `backbone.pth` with `--arch`).
+`evaluate.embed.load_embedder` resolves (facekd `.safetensors` checkpoint, insightface `backbone.pth` with `--arch`).
 SET is whatever `facedata.open_verification_set` opens: an insightface `.bin`, an LFW folder with pairs.txt, or
 `synthfaces` / `synthfaces:tiny` / `synthfaces:small`. The protocol is insightface's (evaluate.metrics).
 """
@@ -96,7 +96,7 @@ def _preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_model(model: str, *, arch: str | None = None, device: str = "cpu", threads: int | None = None,
                overrides: dict[str, Any] | None = None):
-    """MODEL argument -> embedder: ONNX files directly, everything else through facekd.models.load_embedder."""
+    """MODEL argument -> embedder: ONNX files directly, everything else through evaluate.embed.load_embedder."""
     path = Path(model)
     looks_like_file = path.suffix.lower() in (".onnx", ".pth", ".pt", ".safetensors") or "/" in model
     if looks_like_file and not path.is_file():
@@ -105,7 +105,7 @@ def load_model(model: str, *, arch: str | None = None, device: str = "cpu", thre
         from evaluate.embed import OnnxEmbedder  # imported here: torch is slow to import, errors above are not
 
         return OnnxEmbedder(path, overrides or None, threads=threads)
-    from facekd.models import load_embedder
+    from evaluate.embed import load_embedder
 
     embedder = load_embedder(model, arch=arch, device=device)
     if overrides:
