@@ -191,12 +191,24 @@ def _print_table(rows: list[dict[str, Any]], arm: dict[str, dict[str, Any]]) -> 
                 print(f"{'  vs first':<{width}}  " + "  ".join(f"{n / b:>13.3f}x" for n, b in zip(counts, base)))
 
 
-def _resolve_models(specs: list[str], workdir: Path) -> dict[str, str]:
-    """MODEL arguments -> ONNX paths: ONNX files as they are; facekd checkpoints and registry names exported.
+def _resolve_models(specs: list[str], workdir: Path, *, random_weights: bool = False) -> dict[str, str]:
+    """MODEL arguments -> ONNX paths: ONNX files as they are; facekd checkpoints exported.
 
-    A registry name exports a freshly initialised model: fine for timing and instruction counts (fp32 work does
-    not depend on weight values), never for accuracy.
+    A bare architecture name would export a freshly initialised model: fine for timing and instruction counts (fp32
+    work does not depend on weight values), never for accuracy, and only when asked (`random_weights`).
     """
+    from facekd.models import create_model, export_onnx, has_weights, load_checkpoint
+
+    for spec in specs:  # every argument checked before the first export
+        path = Path(spec)
+        if path.is_file() or path.suffix.lower() == ".onnx":
+            continue
+        if "/" in spec or path.suffix:
+            raise FacekdError(f"model not found: {spec}")
+        if not random_weights and not has_weights(spec):
+            raise FacekdError(f"{spec!r} is an architecture name, not a trained model; pass its ONNX file or "
+                              f"checkpoint, or --random-weights to time a freshly initialised {spec} (latency does "
+                              "not depend on weight values)")
     resolved: dict[str, str] = {}
     for spec in specs:
         path = Path(spec)
@@ -204,10 +216,6 @@ def _resolve_models(specs: list[str], workdir: Path) -> dict[str, str]:
                                                                                             ".pt")):
             resolved[spec] = spec  # measure_latency checks existence and format
             continue
-        if not path.is_file() and ("/" in spec or path.suffix):
-            raise FacekdError(f"model not found: {spec}")
-        from facekd.models import create_model, export_onnx, load_checkpoint  # CLI only: higher floor
-
         model = load_checkpoint(path) if path.is_file() else create_model(spec)
         out = workdir / f"{path.stem if path.is_file() else spec.replace(':', '_')}.onnx"
         resolved[spec] = str(export_onnx(model.eval(), out))
@@ -220,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[
                                          __doc__.index("\n\n") + 2:])
     parser.add_argument("models", nargs="*", metavar="MODEL",
-                        help="ONNX file; or a facekd checkpoint / registry name, exported to ONNX first")
+                        help="ONNX file; or a facekd checkpoint, exported to ONNX first")
     parser.add_argument("--threads", default="1", help="intra-op thread counts, comma-separated (default 1)")
     parser.add_argument("--runs", type=int, default=100, help="timed runs per model (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
@@ -232,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default=None, help="emulation toolchain prefix (default $FACEKD_ARM_PREFIX "
                                                        "or ~/.cache/facekd/arm)")
     parser.add_argument("--no-cache", action="store_true", help="recount instructions even when cached")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="accept a bare architecture name (e.g. mbf) and time it freshly initialised")
     parser.add_argument("--table", default=None, metavar="CSV",
                         help="write the 1-thread latency / instruction columns into this results table, on the "
                              "rows whose artifact is the model path")
@@ -249,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.models:
         parser.error("give at least one MODEL (or --arm-setup)")
     with tempfile.TemporaryDirectory(prefix="facekd-latency-") as workdir:
-        onnx_of = _resolve_models(args.models, Path(workdir))
+        onnx_of = _resolve_models(args.models, Path(workdir), random_weights=args.random_weights)
         rows = measure_latency(list(onnx_of.values()), threads=threads, runs=args.runs, warmup=args.warmup)
         arm: dict[str, dict[str, Any]] = {}
         if args.arm_emulate:

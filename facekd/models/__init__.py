@@ -13,12 +13,12 @@ from facekd.models.checkpoints import CHECKPOINT_METADATA_KEY, load_state_dict_s
     read_checkpoint_metadata, read_state_dict, save_checkpoint, state_dict_mismatch
 from facekd.models.onnx import ONNX_METADATA_KEY, export_onnx, read_onnx_metadata, runnable_onnx
 from facekd.models.registry import INSIGHTFACE_PREPROCESSING, MODEL_FAMILIES, ModelEntry, count_macs, count_params, \
-    create_model, format_table, list_main, list_models, load_checkpoint, model_table, preprocessing_for, \
+    create_model, format_table, has_weights, list_main, list_models, load_checkpoint, model_table, preprocessing_for, \
     register_model, register_prefix, resolve_embedding_dim
 
 __all__ = [
     "CHECKPOINT_METADATA_KEY", "INSIGHTFACE_PREPROCESSING", "MODEL_FAMILIES", "ModelEntry", "ONNX_METADATA_KEY",
-    "count_macs", "count_params", "create_model", "export_onnx", "format_table", "list_main", "list_models",
+    "count_macs", "count_params", "create_model", "export_onnx", "format_table", "has_weights", "list_main", "list_models",
     "load_checkpoint", "load_state_dict_strict", "model_description", "model_table", "preprocessing_for",
     "read_checkpoint_metadata", "read_onnx_metadata", "read_state_dict", "register_model", "register_prefix",
     "resolve_embedding_dim", "runnable_onnx", "save_checkpoint", "state_dict_mismatch",

@@ -81,19 +81,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as err:  # corrupt header or truncated file
-            raise FacekdError(f"cannot read safetensors checkpoint {path}: {err}") from None
+            raise _unreadable_safetensors(path, err) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        lines = str(err).strip().splitlines()
-        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported global" in line), None)
-        if detail is None:  # not a pickle of classes at all: a corrupt or foreign file
-            raise FacekdError(f"cannot read torch checkpoint {path}: corrupt or not a torch file "
-                              f"({lines[0] if lines else 'unpickling failed'})") from None
-        raise FacekdError(f"{path} is not a plain state dict (refused by weights_only loading: {detail.strip()}); "
+        detail = _unpickler_detail(err)
+        if "GLOBAL" not in detail:  # not a pickle of classes at all: a corrupt or foreign file
+            raise FacekdError(f"cannot read torch checkpoint {path}: corrupt or not a torch file"
+                              + (f" ({detail})" if detail else "")) from None
+        raise FacekdError(f"{path} is not a plain state dict (refused by weights_only loading: {detail}); "
                           "it probably pickles a whole module - re-save it with torch.save(model.state_dict())") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise FacekdError(f"cannot read torch checkpoint {path}: {str(err).splitlines()[0] if str(err) else err!r}") from None
+    except Exception as err:  # noqa: BLE001 - torch.load raises whatever its unpickler trips on (KeyError, ...)
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        raise FacekdError(f"cannot read torch checkpoint {path}: corrupt or not a torch file "
+                          f"({type(err).__name__}{': ' + reason if reason else ''})") from None
     if isinstance(obj, nn.Module):
         raise FacekdError(f"{path} holds a whole module, not a state dict; re-save with torch.save(model.state_dict())")
     if not isinstance(obj, dict):
@@ -106,6 +107,31 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not tensors:
         raise FacekdError(f"{path} holds no tensors (keys: {_clip(sorted(map(str, obj)))})")
     return _strip_prefix(_strip_prefix(tensors, "module."), "_orig_mod.")
+
+
+def _unpickler_detail(err: Exception) -> str:
+    """What torch's weights-only unpickler objected to, without its advice to load with weights_only=False
+    (which would run arbitrary code from the file: never advised here)."""
+    text = str(err)
+    _, found, rest = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in rest.splitlines() if line.strip()] if found else []
+    return lines[0].split(" Please use ")[0] if lines else ""
+
+
+def _unreadable_safetensors(path: Path, err: Exception) -> FacekdError:
+    reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return FacekdError(f"cannot read safetensors checkpoint {path}: {reason} (truncated, or not a safetensors file)")
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a `.safetensors` file's header; one-line FacekdError when it is unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for corrupt headers
+        raise _unreadable_safetensors(Path(path), err) from None
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -121,12 +147,7 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FacekdError(f"checkpoint not found: {path}")
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as err:
-        raise FacekdError(f"cannot read safetensors checkpoint {path}: {err}") from None
+    meta = safetensors_metadata(path)
     if CHECKPOINT_METADATA_KEY not in meta:
         raise FacekdError(f"{path} is a safetensors file without facekd metadata; pass --arch to load it as raw weights")
     try:

@@ -25,7 +25,7 @@ from torch import nn
 
 from facekd.io import FacekdError
 from facekd.models.checkpoints import CHECKPOINT_METADATA_KEY, _is_safetensors, load_state_dict_strict, \
-    read_checkpoint_metadata, read_state_dict
+    read_checkpoint_metadata, read_state_dict, safetensors_metadata
 
 # The one default preprocessing (RGB, (x - 127.5) / 127.5); `facedata.transforms` re-exports it.
 INSIGHTFACE_PREPROCESSING: dict[str, Any] = {
@@ -112,6 +112,13 @@ def _entry(name: str) -> tuple[ModelEntry, str | None]:
     raise FacekdError(f"unknown model {name!r}; known: {known}")
 
 
+def has_weights(name: str) -> bool:
+    """Whether `create_model(name)` alone brings trained weights. ONNX teachers (`sface`, `onnx:PATH`) do (their
+    builders set `ships_weights`); an architecture name starts from random ones, its weights come from a checkpoint."""
+    entry, _ = _entry(name)
+    return bool(getattr(entry.builder, "ships_weights", False))
+
+
 def create_model(name: str, *, checkpoint_path: str | None = None, **kwargs: Any) -> nn.Module:
     """Build a registered model; with `checkpoint_path`, load weights (facekd checkpoint or insightface .pth).
 
@@ -155,10 +162,7 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, **kwargs: Any)
     if not path.is_file():
         raise FacekdError(f"checkpoint not found: {path}")
     if _is_safetensors(path):
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as fh:
-            has_meta = CHECKPOINT_METADATA_KEY in (fh.metadata() or {})
-        if has_meta:
+        if CHECKPOINT_METADATA_KEY in safetensors_metadata(path):
             meta = read_checkpoint_metadata(path)
             if arch is not None and arch != meta["arch"]:
                 raise FacekdError(f"{path} holds a {meta['arch']!r} model, not {arch!r}")
