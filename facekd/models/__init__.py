@@ -7,7 +7,7 @@
 - `facekd.models.onnx`: ONNX export with facekd metadata, reading it back, repairing foreign files (`runnable_onnx`).
 
 Every name is importable from `facekd.models` itself. Embedders (a model file -> images to embeddings) live one floor
-up, in `evaluate.embed` (`load_embedder`).
+up, in `evaluate.embed` (`load_embedder`; importing it from here says so).
 """
 from facekd.models.checkpoints import CHECKPOINT_METADATA_KEY, load_state_dict_strict, model_description, \
     read_checkpoint_metadata, read_state_dict, save_checkpoint, state_dict_mismatch
@@ -23,3 +23,9 @@ __all__ = [
     "read_checkpoint_metadata", "read_onnx_metadata", "read_state_dict", "register_model", "register_prefix",
     "resolve_embedding_dim", "runnable_onnx", "save_checkpoint", "state_dict_mismatch",
 ]
+
+
+def __getattr__(name: str):
+    if name == "load_embedder":  # moved up a floor: facekd never imports evaluate
+        raise ImportError("facekd.models.load_embedder moved to evaluate.embed.load_embedder")
+    raise AttributeError(f"module 'facekd.models' has no attribute {name!r}")
