@@ -1,6 +1,6 @@
-"""evaluate: the verification protocol (`evaluate.metrics`), embedders (`evaluate.embed`), the verification
-command (`python -m evaluate.verify`) and latency (`evaluate.latency`).
+"""evaluate: the verification protocol (`evaluate.metrics`), embedders (`evaluate.embed`, incl. `load_embedder`), the
+verification command (`python -m evaluate.verify`), benchmark difficulty (`evaluate.sanity`) and latency
+(`evaluate.latency`, emulated ARM cost in `evaluate.arm`).
 
-Ground floor: library code here imports no stage; only the command-line entry points resolve a MODEL argument
-through `facekd.models`.
+Shared floor: imports `facekd` (models through its registry) and `facedata`, never a stage package.
 """

@@ -17,8 +17,7 @@ import torch
 
 from facedata.transforms import INSIGHTFACE_PREPROCESSING, check_preprocessing, normalize
 from facekd.io import FacekdError, atomic_path, cache_root, fingerprint, sha256_file
-
-ONNX_METADATA_KEY = "facekd"  # same key as facekd.models.export_onnx writes (JSON with preprocessing, embedding_dim...)
+from facekd.models import ONNX_METADATA_KEY, create_model, export_onnx, has_weights, load_checkpoint, runnable_onnx
 
 
 @runtime_checkable
@@ -176,8 +175,6 @@ def module_embedder(model: torch.nn.Module, preprocessing: dict[str, Any] | None
 
     if torch.device(device).type != "cpu" or not hasattr(model, "input_size"):
         return TorchEmbedder(model, preprocessing, device=device)
-    from facekd.models import export_onnx
-
     try:
         with tempfile.TemporaryDirectory(prefix="facekd-embed-") as tmp:
             path = export_onnx(model, Path(tmp) / "model.onnx")
@@ -189,6 +186,32 @@ def module_embedder(model: torch.nn.Module, preprocessing: dict[str, Any] | None
         return TorchEmbedder(model, preprocessing, device=device)
     embedder.cache_id = None  # a temporary export: nothing to reuse its embeddings for
     return embedder
+
+
+def load_embedder(path_or_name: str, *, arch: str | None = None, device: str = "cpu",
+                  allow_random_weights: bool = False, **kwargs: Any) -> Embedder:
+    """An embedder (uint8 NHWC RGB -> float32 embeddings) for a model file or name.
+
+    Accepts `.onnx` files (facekd or foreign; foreign ones use the insightface preprocessing), `onnx:PATH`
+    and `sface` ONNX teachers, facekd `.safetensors` checkpoints and insightface `.pth` files (with `arch`). A bare
+    architecture name (`r100`) would embed with random weights: refused unless `allow_random_weights` (tests only).
+    `kwargs` go to the model builder (e.g. the `embedding_dim` of a `.pth` whose arch default differs).
+    """
+    target = str(path_or_name)
+    if target.endswith(".onnx") and Path(target).is_file():
+        return OnnxEmbedder(runnable_onnx(target))  # repairs old exports (weights as inputs, batch fixed to 1)
+    if Path(target).is_file():
+        model = load_checkpoint(target, arch=arch, **kwargs)
+    else:
+        if not allow_random_weights and not has_weights(target):
+            raise FacekdError(f"{target!r} is an architecture name, not a trained model: it would be evaluated with "
+                              "random weights; pass a facekd checkpoint (.safetensors), an insightface backbone.pth "
+                              f"with --arch {target}, or an ONNX file")
+        model = create_model(target, **kwargs).eval()
+    onnx_path = getattr(model, "onnx_path", None)
+    if onnx_path is not None:  # an ONNX teacher: run its file directly with its own preprocessing
+        return OnnxEmbedder(str(onnx_path), model.preprocessing)
+    return TorchEmbedder(model, model.preprocessing, device=device)
 
 
 def embed_set(embedder, vset: Any, *, flip: bool = True, batch_size: int = 256, progress: bool = True,

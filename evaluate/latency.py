@@ -11,57 +11,34 @@ Two different quantities, never mixed:
   emulation (`-cpu cortex-a53 | cortex-a72 | cortex-a76`) by the project's TCG plugin `evaluate/arm/insncount.c`,
   with the model run by an aarch64 Python + onnxruntime unpacked into a prefix (`--arm-setup`). It is a count of
   instructions, deterministic to well under 0.1%; it is not a time (memory stalls, SIMD widths and clocks differ).
+
+This module is the host timing and the command; the emulation lives in `evaluate.arm`: `prefix` (the toolchain,
+`--arm-setup`), `emulate` (counting a model's instructions), `runner.py` (what runs inside the emulated Python, and
+the session settings and inputs host timing shares with it).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
-import re
-import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from evaluate.arm.emulate import arm_instruction_record, arm_instructions, check_model  # noqa: F401  (re-exported)
+from evaluate.arm.prefix import ARM_CPUS, arm_setup, arm_toolchain_status, default_prefix  # noqa: F401
 from evaluate.arm.runner import make_inputs, make_session
-from facekd.io import FacekdError, atomic_write_json, cli_main, sha256_file
+from facekd.io import FacekdError, cli_main, sha256_file
 
-ARM_CPUS = ("cortex-a53", "cortex-a72", "cortex-a76")
-ARM_DIR = Path(__file__).resolve().parent / "arm"
-PLUGIN_SOURCE = ARM_DIR / "insncount.c"
-RUNNER = ARM_DIR / "runner.py"
-PLUGIN_HEADER = "qemu-plugin.h"
-
-# /proc/cpuinfo served to the emulated process per -cpu model: onnxruntime's cpuinfo library crashes on the host's
-# x86 file, and picks kernels by micro-architecture (CPU part) and features (asimddp = dot product on the A76).
-_CPUINFO = {
-    "cortex-a53": ("0x0", "0xd03", "4", "fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid"),
-    "cortex-a72": ("0x0", "0xd08", "3", "fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid"),
-    "cortex-a76": ("0x4", "0xd0b", "1", "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid "
-                   "asimdrdm lrcpc dcpop asimddp"),
-}
 _ARM_PARTS = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
               "0xd08": "Cortex-A72", "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76",
               "0xd0c": "Neoverse-N1", "0xd0d": "Cortex-A77", "0xd41": "Cortex-A78", "0xd40": "Neoverse-V1",
               "0xd49": "Neoverse-N2", "0xd4f": "Neoverse-V2", "0xd46": "Cortex-A510", "0xd47": "Cortex-A710"}
-# aarch64 Debian packages that make a Python able to import numpy and onnxruntime ({py} = 3.11 on bookworm).
-_ARM_DEBS = ("python{py}-minimal", "libpython{py}-minimal", "libpython{py}-stdlib", "libc6", "zlib1g", "libexpat1",
-             "libffi8", "libgcc-s1", "libstdc++6")
-_EMULATION_TIMEOUT_S = 1800
-
-
-def default_prefix() -> Path:
-    """Where `--arm-setup` installs the emulation toolchain: $FACEKD_ARM_PREFIX, else ~/.cache/facekd/arm."""
-    return Path(os.environ.get("FACEKD_ARM_PREFIX") or "~/.cache/facekd/arm").expanduser()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,16 +77,6 @@ def system_info() -> dict[str, Any]:
             "onnxruntime": onnxruntime.__version__, "device": device}
 
 
-def _check_model(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise FacekdError(f"model not found: {path}")
-    if path.suffix.lower() != ".onnx":
-        raise FacekdError(f"{path}: latency is measured on ONNX files; export the model first "
-                          "(facekd.models.export_onnx)")
-    return path
-
-
 def _open_session(path: Path, threads: int) -> Any:
     try:
         return make_session(str(path), threads)
@@ -131,7 +98,7 @@ def measure_latency(paths: Sequence[str | os.PathLike], threads: Sequence[int] =
         raise FacekdError(f"--runs must be >= 1 and --warmup >= 0 (got {runs}, {warmup})")
     if not threads or any(int(t) < 1 for t in threads):
         raise FacekdError(f"--threads: thread counts must be >= 1 (got {list(threads)})")
-    models = [_check_model(p) for p in paths]
+    models = [check_model(p) for p in paths]
     info = system_info()
     on_arm = info["arch"] in ("aarch64", "arm64")
     results: list[dict[str, Any]] = []
@@ -166,354 +133,6 @@ def measure_latency(paths: Sequence[str | os.PathLike], threads: Sequence[int] =
                 "arm_device": (info["device"] or info["cpu"]) if on_arm else None,
             })
     return results
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# emulated ARM cost: toolchain layout inside the prefix
-#   root/            aarch64 Debian packages + numpy/onnxruntime wheels (usr/lib/python3/dist-packages)
-#   cpu/<name>/      per -cpu model: proc/cpuinfo + links to root/{lib,usr,etc}; given to qemu as -L
-#   include/         qemu-plugin.h from the Debian qemu source package matching qemu-user
-#   lib/             the compiled plugin, named by a hash of its source
-#   cache/           one JSON per (model sha256, cpu, onnxruntime, runner+plugin source)
-#   setup.json       what setup installed, written last
-
-def _qemu() -> str | None:
-    return shutil.which("qemu-aarch64")
-
-
-def _source_hash() -> str:
-    h = hashlib.sha256(PLUGIN_SOURCE.read_bytes() + RUNNER.read_bytes())
-    return h.hexdigest()[:12]
-
-
-def _guest_python(prefix: Path) -> Path | None:
-    found = sorted((prefix / "root/usr/bin").glob("python3.*"))
-    found = [p for p in found if re.fullmatch(r"python3\.\d+", p.name)]
-    return found[-1] if found else None
-
-
-def _plugin_path(prefix: Path) -> Path:
-    return prefix / "lib" / f"libinsncount-{hashlib.sha256(PLUGIN_SOURCE.read_bytes()).hexdigest()[:12]}.so"
-
-
-def _build_plugin(prefix: Path) -> Path:
-    out = _plugin_path(prefix)
-    if out.is_file():
-        return out
-    header = prefix / "include" / PLUGIN_HEADER
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if not header.is_file():
-        raise FacekdError(f"{header} is missing; run: python -m evaluate.latency --arm-setup --prefix {prefix}")
-    if gcc is None:
-        raise FacekdError("no C compiler (gcc) to build the QEMU plugin; install it: apt-get install -y gcc")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.so")
-    proc = subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-Wall", f"-I{header.parent}", "-o", str(tmp),
-                           str(PLUGIN_SOURCE)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise FacekdError(f"building the QEMU plugin failed: {proc.stderr.strip().splitlines()[-1:]}")
-    os.replace(tmp, out)
-    return out
-
-
-def arm_toolchain_status(prefix: str | os.PathLike | None = None) -> tuple[bool, str]:
-    """(True, summary) when instructions can be counted, else (False, what is missing and how to install it)."""
-    prefix = Path(prefix).expanduser() if prefix else default_prefix()
-    setup_hint = f"run: python -m evaluate.latency --arm-setup --prefix {prefix}"
-    qemu = _qemu()
-    if qemu is None:
-        return False, f"qemu-aarch64 not found (Debian package qemu-user); {setup_hint}"
-    stamp = prefix / "setup.json"
-    if not stamp.is_file():
-        return False, f"no emulation prefix at {prefix}; {setup_hint}"
-    try:
-        setup = json.loads(stamp.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False, f"{stamp} is unreadable; {setup_hint}"
-    if _guest_python(prefix) is None:
-        return False, f"aarch64 Python missing under {prefix}/root; {setup_hint}"
-    if not all((prefix / "cpu" / c / "proc/cpuinfo").is_file() for c in ARM_CPUS):
-        return False, f"per-CPU overlays missing under {prefix}/cpu; {setup_hint}"
-    if not _plugin_path(prefix).is_file():
-        if not (prefix / "include" / PLUGIN_HEADER).is_file() or not (shutil.which("gcc") or shutil.which("cc")):
-            return False, f"QEMU plugin not built and cannot be (needs gcc and {PLUGIN_HEADER}); {setup_hint}"
-    return True, (f"qemu-aarch64 {setup.get('qemu', '?')}, aarch64 Python {setup.get('python', '?')}, "
-                  f"onnxruntime {setup.get('onnxruntime', '?')} in {prefix}")
-
-
-def arm_instruction_record(path: str | os.PathLike, cpu: str, *, prefix: str | os.PathLike | None = None,
-                           warmup: int = 3, runs: int = 5, use_cache: bool = True) -> dict[str, Any]:
-    """Count the aarch64 instructions of one inference of `path` on `cpu`; the full record (cached in the prefix).
-
-    `instructions` is the median over `runs` marked inferences after `warmup` unmarked ones, minus the cost of an
-    empty marked window (the markers themselves); `runs_instructions` holds every run's count, `spread` their
-    (max - min) / median, `outlier_runs` how many exceed the median by over 0.1% (about one run per process
-    carries a ~0.4M-instruction extra at a time-dependent position; the median drops it).
-    """
-    model = _check_model(path)
-    if cpu not in _CPUINFO:
-        raise FacekdError(f"--arm-cpus: unknown CPU {cpu!r}; choose from: {', '.join(_CPUINFO)}")
-    prefix = Path(prefix).expanduser() if prefix else default_prefix()
-    ok, reason = arm_toolchain_status(prefix)
-    if not ok:
-        raise FacekdError(reason)
-    setup = json.loads((prefix / "setup.json").read_text())
-    digest = sha256_file(model)
-    cache = prefix / "cache" / f"{digest[:16]}-{cpu}-ort{setup['onnxruntime']}-{_source_hash()}-w{warmup}r{runs}.json"
-    if use_cache and cache.is_file():
-        try:
-            record = json.loads(cache.read_text())
-            return {**record, "model": str(model), "cached": True}
-        except json.JSONDecodeError:
-            pass  # a damaged cache entry is recomputed
-    plugin = _build_plugin(prefix)
-    python = _guest_python(prefix)
-    # A fixed hash seed makes the emulated process deterministic: two processes then count the same instructions
-    # run for run, except for a rare ~0.4M-instruction extra in one run at a time-dependent position, which the
-    # median over runs drops. The environment is built here, so nothing of the host's PYTHON* variables leaks in.
-    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-           "HOME": str(prefix), "PYTHONHASHSEED": "0", "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    with tempfile.TemporaryDirectory(prefix="facekd-insncount-") as tmp:
-        counts_file = Path(tmp) / "counts.txt"
-        cmd = [_qemu(), "-L", str(prefix / "cpu" / cpu), "-cpu", cpu, "-plugin", f"{plugin},out={counts_file}",
-               str(python), "-s", str(RUNNER), str(model.resolve()), "--warmup", str(warmup), "--runs", str(runs)]
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=_EMULATION_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise FacekdError(f"emulated run of {model} on {cpu} took over {_EMULATION_TIMEOUT_S} s") from None
-        wall = time.perf_counter() - start
-        lines = counts_file.read_text().split() if counts_file.is_file() else []
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise FacekdError(f"emulated run of {model} on {cpu} failed (exit {proc.returncode}): {last}")
-    counts = [int(v) for v in lines[0::2]]  # lines are "<instructions> <vcpu>"
-    if len(counts) != runs + 1:
-        raise FacekdError(f"emulated run of {model} on {cpu}: expected {runs + 1} marked windows, got {len(counts)}")
-    overhead, per_run = counts[0], [c - counts[0] for c in counts[1:]]
-    guest = json.loads(proc.stdout.strip().splitlines()[-1])
-    median = int(statistics.median(per_run))
-    record = {
-        "model": str(model), "sha256": digest, "cpu": cpu, "instructions": median, "unit": "instructions",
-        "runs_instructions": per_run, "marker_overhead": overhead,
-        "spread": (max(per_run) - min(per_run)) / median if median else 0.0,
-        "outlier_runs": sum(c > median * 1.001 for c in per_run), "warmup": warmup, "runs": runs,
-        "onnxruntime": guest["onnxruntime"], "guest_python": guest["python"], "numpy": guest["numpy"],
-        "qemu": setup.get("qemu"), "emulation_wall_s": round(wall, 2), "cached": False,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    atomic_write_json(cache, record)
-    return record
-
-
-def arm_instructions(path: str | os.PathLike, cpus: Sequence[str] = ARM_CPUS, *,
-                     prefix: str | os.PathLike | None = None, use_cache: bool = True) -> dict[str, int]:
-    """aarch64 instructions per inference of an ONNX model under QEMU, per `-cpu` model (one intra-op thread).
-
-    Raises FacekdError saying what is missing when the toolchain is not installed (see `arm_toolchain_status`).
-    """
-    return {cpu: arm_instruction_record(path, cpu, prefix=prefix, use_cache=use_cache)["instructions"]
-            for cpu in cpus}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# emulated ARM cost: one-time setup
-
-def _run(cmd: list[str], what: str, **kwargs: Any) -> subprocess.CompletedProcess:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-    except FileNotFoundError:
-        raise FacekdError(f"{what}: {cmd[0]} not found") from None
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
-        raise FacekdError(f"{what} failed (exit {proc.returncode}): {tail}")
-    return proc
-
-
-def _debian_codename() -> str:
-    fields = {}
-    for line in Path("/etc/os-release").read_text().splitlines():
-        key, _, value = line.partition("=")
-        fields[key] = value.strip('"')
-    codename = fields.get("VERSION_CODENAME")
-    if fields.get("ID") != "debian" or not codename:
-        raise FacekdError("--arm-setup needs Debian (apt-get, dpkg and Debian's arm64 packages); "
-                          f"this is {fields.get('PRETTY_NAME', 'an unknown system')}")
-    return codename
-
-
-def _ensure_host_packages(log: Callable[[str], None]) -> None:
-    missing = [pkg for tool, pkg in (("qemu-aarch64", "qemu-user"), ("gcc", "gcc"), ("apt-get", "apt"),
-                                     ("dpkg-deb", "dpkg"), ("xz", "xz-utils")) if shutil.which(tool) is None]
-    if not missing:
-        return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise FacekdError(f"missing host packages {missing}; install them: sudo apt-get install -y {' '.join(missing)}")
-    log(f"installing host packages: {' '.join(missing)}")
-    _run(["apt-get", "update", "-q"], "apt-get update")
-    _run(["apt-get", "install", "-y", "-q", *missing], f"apt-get install {' '.join(missing)}",
-         env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-
-
-def _apt_options(work: Path, codename: str, arch: str | None, kind: str) -> list[str]:
-    keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
-    signed = f"signed-by={keyring}" if Path(keyring).is_file() else ""
-    opts = " ".join(x for x in (f"arch={arch}" if arch else "", signed) if x)
-    opts = f"[{opts}] " if opts else ""
-    sources = work / f"{kind}.list"
-    sources.write_text("".join(f"{kind} {opts}http://deb.debian.org/{repo} {suite} main\n" for repo, suite in (
-        ("debian", codename), ("debian", f"{codename}-updates"), ("debian-security", f"{codename}-security"))))
-    lists = work / f"lists-{kind}"
-    (lists / "partial").mkdir(parents=True, exist_ok=True)
-    (work / "archives/partial").mkdir(parents=True, exist_ok=True)
-    options = [f"-oDir::Etc::SourceList={sources}", f"-oDir::Etc::SourceParts={work / 'no-parts'}",
-               f"-oDir::State::Lists={lists}", f"-oDir::Cache={work}", "-oDir::State::Status=/dev/null",
-               "-oAPT::Sandbox::User=root", "-q"]
-    if arch:
-        options += [f"-oAPT::Architecture={arch}", f"-oAPT::Architectures={arch}"]
-    return options
-
-
-def _install_plugin_header(prefix: Path, work: Path, codename: str, log: Callable[[str], None]) -> None:
-    header = prefix / "include" / PLUGIN_HEADER
-    if header.is_file():
-        return
-    # No Debian binary package ships qemu-plugin.h; the qemu source package (matching qemu-user) has it.
-    version = subprocess.run(["dpkg-query", "-W", "-f=${source:Version}", "qemu-user"], capture_output=True,
-                             text=True).stdout.strip()
-    options = _apt_options(work, codename, None, "deb-src")
-    log("fetching qemu-plugin.h from the Debian qemu source package")
-    _run(["apt-get", *options, "update"], "apt-get update (deb-src)")
-    src = work / "qemu-src"
-    src.mkdir(exist_ok=True)
-    try:
-        _run(["apt-get", *options, "source", "--download-only", f"qemu={version}" if version else "qemu"],
-             "apt-get source qemu", cwd=src)
-    except FacekdError:
-        _run(["apt-get", *options, "source", "--download-only", "qemu"], "apt-get source qemu", cwd=src)
-    tarballs = sorted(src.glob("qemu_*.orig.tar.*"))
-    if not tarballs:
-        raise FacekdError("apt-get source qemu gave no orig tarball")
-    _run(["tar", "-xf", str(tarballs[0]), "-C", str(src), "--wildcards", f"*/include/qemu/{PLUGIN_HEADER}"],
-         "extracting qemu-plugin.h")
-    found = sorted(src.glob(f"*/include/qemu/{PLUGIN_HEADER}"))
-    if not found:
-        raise FacekdError(f"{PLUGIN_HEADER} not in {tarballs[0].name}")
-    header.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(found[0], header)
-    shutil.rmtree(src)
-
-
-def _install_guest_python(prefix: Path, work: Path, codename: str, log: Callable[[str], None]) -> str:
-    root = prefix / "root"
-    options = _apt_options(work, codename, "arm64", "deb")
-    log("downloading aarch64 Python from Debian (host dpkg untouched)")
-    _run(["apt-get", *options, "update"], "apt-get update (arm64)")
-    depends = _run(["apt-cache", *options, "depends", "python3-minimal"], "apt-cache depends python3-minimal").stdout
-    match = re.search(r"Depends: python(3\.\d+)-minimal", depends)
-    if not match:
-        raise FacekdError("cannot tell which Python version python3-minimal (arm64) depends on")
-    py = match.group(1)
-    debs = work / "debs"
-    debs.mkdir(exist_ok=True)
-    _run(["apt-get", *options, "download", *[name.format(py=py) for name in _ARM_DEBS]],
-         "apt-get download (arm64)", cwd=debs)
-    for deb in sorted(debs.glob("*.deb")):
-        _run(["dpkg-deb", "-x", str(deb), str(root)], f"unpacking {deb.name}")
-    return py
-
-
-def _install_wheels(prefix: Path, work: Path, py: str, log: Callable[[str], None]) -> dict[str, str]:
-    import onnxruntime
-
-    site = prefix / "root/usr/lib/python3/dist-packages"
-    wheels = work / "wheels"
-    wheels.mkdir(exist_ok=True)
-    # The same onnxruntime as the host, so host latency and emulated counts come from the same kernels.
-    version = onnxruntime.__version__
-    log(f"downloading aarch64 wheels: onnxruntime=={version}, numpy (for Python {py})")
-    platforms = [f"--platform={p}" for p in ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64",
-                                            "manylinux2014_aarch64", "manylinux_2_17_aarch64")]
-    tag = py.replace(".", "")
-    _run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--no-deps", *platforms,
-          f"--python-version={py}", "--implementation=cp", f"--abi=cp{tag}", "-d", str(wheels),
-          f"onnxruntime=={version}", "numpy"], f"pip download onnxruntime=={version} numpy (aarch64, cp{tag})")
-    for stale in [*site.glob("onnxruntime*"), *site.glob("numpy*")]:  # a previous setup's versions
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    found: dict[str, str] = {}
-    for wheel in sorted(wheels.glob("*.whl")):
-        name, ver = wheel.name.split("-")[:2]
-        with zipfile.ZipFile(wheel) as zf:
-            for member in zf.infolist():
-                target = zf.extract(member, site)
-                mode = member.external_attr >> 16
-                if mode:
-                    os.chmod(target, mode & 0o777)
-        found[name.lower()] = ver
-    return found
-
-
-def _write_overlays(prefix: Path) -> None:
-    for cpu, (variant, part, revision, features) in _CPUINFO.items():
-        overlay = prefix / "cpu" / cpu
-        (overlay / "proc").mkdir(parents=True, exist_ok=True)
-        (overlay / "proc/cpuinfo").write_text(
-            f"processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: {features}\nCPU implementer\t: 0x41\n"
-            f"CPU architecture: 8\nCPU variant\t: {variant}\nCPU part\t: {part}\nCPU revision\t: {revision}\n\n")
-        for name in ("lib", "usr", "etc"):
-            link = overlay / name
-            if not link.is_symlink():
-                link.symlink_to(Path("../../root") / name)
-
-
-def arm_setup(prefix: str | os.PathLike | None = None, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Install what counting emulated ARM instructions needs into `prefix`; idempotent (finished steps are kept).
-
-    Host: qemu-user and gcc (apt-get install when missing and root). Prefix: qemu-plugin.h from Debian's qemu source
-    package, the compiled plugin, aarch64 Debian packages for Python (unpacked with dpkg-deb, the host's dpkg
-    untouched), numpy and onnxruntime aarch64 wheels from PyPI, and a /proc/cpuinfo per emulated CPU.
-    """
-    prefix = Path(prefix).expanduser() if prefix else default_prefix()
-    start = time.perf_counter()
-    if (prefix / "setup.json").is_file() and arm_toolchain_status(prefix)[0]:
-        import onnxruntime
-
-        setup = json.loads((prefix / "setup.json").read_text())
-        if setup.get("onnxruntime") == onnxruntime.__version__:  # else: follow the host's onnxruntime
-            _build_plugin(prefix)
-            log(f"already set up in {prefix}")
-            return setup
-    prefix.mkdir(parents=True, exist_ok=True)
-    codename = _debian_codename()
-    _ensure_host_packages(log)
-    qemu_version = _run([_qemu() or "qemu-aarch64", "--version"], "qemu-aarch64 --version").stdout.split("\n")[0]
-    if "-plugin" not in subprocess.run([_qemu(), "-h"], capture_output=True, text=True).stdout:
-        raise FacekdError(f"{qemu_version} was built without TCG plugin support (-plugin)")
-    work = prefix / "tmp"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    (work / "no-parts").mkdir()
-    try:
-        _install_plugin_header(prefix, work, codename, log)
-        plugin = _build_plugin(prefix)
-        py = _install_guest_python(prefix, work, codename, log)
-        versions = _install_wheels(prefix, work, py, log)
-        _write_overlays(prefix)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    python = _guest_python(prefix)
-    log("checking the emulated Python imports onnxruntime")
-    probe = _run([_qemu(), "-L", str(prefix / "cpu/cortex-a76"), "-cpu", "cortex-a76", str(python), "-I", "-c",
-                  "import platform, numpy, onnxruntime; print(platform.machine(), onnxruntime.__version__)"],
-                 "emulated Python smoke test", env={"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1"})
-    setup = {"qemu": qemu_version.replace("qemu-aarch64 version ", ""), "python": py,
-             "onnxruntime": versions.get("onnxruntime"), "numpy": versions.get("numpy"), "plugin": plugin.name,
-             "debian": codename, "probe": probe.stdout.strip(), "setup_wall_s": round(time.perf_counter() - start, 1),
-             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    atomic_write_json(prefix / "setup.json", setup)
-    size = sum(f.stat().st_size for f in prefix.rglob("*") if f.is_file() and not f.is_symlink())
-    log(f"set up in {setup['setup_wall_s']} s, {size / 1e6:.0f} MB in {prefix}: {setup['probe']}")
-    return setup
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -572,12 +191,24 @@ def _print_table(rows: list[dict[str, Any]], arm: dict[str, dict[str, Any]]) -> 
                 print(f"{'  vs first':<{width}}  " + "  ".join(f"{n / b:>13.3f}x" for n, b in zip(counts, base)))
 
 
-def _resolve_models(specs: list[str], workdir: Path) -> dict[str, str]:
-    """MODEL arguments -> ONNX paths: ONNX files as they are; facekd checkpoints and registry names exported.
+def _resolve_models(specs: list[str], workdir: Path, *, random_weights: bool = False) -> dict[str, str]:
+    """MODEL arguments -> ONNX paths: ONNX files as they are; facekd checkpoints exported.
 
-    A registry name exports a freshly initialised model: fine for timing and instruction counts (fp32 work does
-    not depend on weight values), never for accuracy.
+    A bare architecture name would export a freshly initialised model: fine for timing and instruction counts (fp32
+    work does not depend on weight values), never for accuracy, and only when asked (`random_weights`).
     """
+    from facekd.models import create_model, export_onnx, has_weights, load_checkpoint
+
+    for spec in specs:  # every argument checked before the first export
+        path = Path(spec)
+        if path.is_file() or path.suffix.lower() == ".onnx":
+            continue
+        if "/" in spec or path.suffix:
+            raise FacekdError(f"model not found: {spec}")
+        if not random_weights and not has_weights(spec):
+            raise FacekdError(f"{spec!r} is an architecture name, not a trained model; pass its ONNX file or "
+                              f"checkpoint, or --random-weights to time a freshly initialised {spec} (latency does "
+                              "not depend on weight values)")
     resolved: dict[str, str] = {}
     for spec in specs:
         path = Path(spec)
@@ -585,10 +216,6 @@ def _resolve_models(specs: list[str], workdir: Path) -> dict[str, str]:
                                                                                             ".pt")):
             resolved[spec] = spec  # measure_latency checks existence and format
             continue
-        if not path.is_file() and ("/" in spec or path.suffix):
-            raise FacekdError(f"model not found: {spec}")
-        from facekd.models import create_model, export_onnx, load_checkpoint  # CLI only: higher floor
-
         model = load_checkpoint(path) if path.is_file() else create_model(spec)
         out = workdir / f"{path.stem if path.is_file() else spec.replace(':', '_')}.onnx"
         resolved[spec] = str(export_onnx(model.eval(), out))
@@ -601,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[
                                          __doc__.index("\n\n") + 2:])
     parser.add_argument("models", nargs="*", metavar="MODEL",
-                        help="ONNX file; or a facekd checkpoint / registry name, exported to ONNX first")
+                        help="ONNX file; or a facekd checkpoint, exported to ONNX first")
     parser.add_argument("--threads", default="1", help="intra-op thread counts, comma-separated (default 1)")
     parser.add_argument("--runs", type=int, default=100, help="timed runs per model (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
@@ -613,14 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default=None, help="emulation toolchain prefix (default $FACEKD_ARM_PREFIX "
                                                        "or ~/.cache/facekd/arm)")
     parser.add_argument("--no-cache", action="store_true", help="recount instructions even when cached")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="accept a bare architecture name (e.g. mbf) and time it freshly initialised")
     parser.add_argument("--table", default=None, metavar="CSV",
                         help="write the 1-thread latency / instruction columns into this results table, on the "
                              "rows whose artifact is the model path")
     args = parser.parse_args(argv)
     cpus = [c.strip() for c in args.arm_cpus.split(",") if c.strip()]
     for cpu in cpus:
-        if cpu not in _CPUINFO:
-            raise FacekdError(f"--arm-cpus: unknown CPU {cpu!r}; choose from: {', '.join(_CPUINFO)}")
+        if cpu not in ARM_CPUS:
+            raise FacekdError(f"--arm-cpus: unknown CPU {cpu!r}; choose from: {', '.join(ARM_CPUS)}")
     threads = _int_list(args.threads, "--threads")
     if args.arm_setup:
         log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
@@ -630,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.models:
         parser.error("give at least one MODEL (or --arm-setup)")
     with tempfile.TemporaryDirectory(prefix="facekd-latency-") as workdir:
-        onnx_of = _resolve_models(args.models, Path(workdir))
+        onnx_of = _resolve_models(args.models, Path(workdir), random_weights=args.random_weights)
         rows = measure_latency(list(onnx_of.values()), threads=threads, runs=args.runs, warmup=args.warmup)
         arm: dict[str, dict[str, Any]] = {}
         if args.arm_emulate:

@@ -1,7 +1,8 @@
 """Face-verification accuracy of a model on pair sets: `python -m evaluate.verify MODEL SET [SET ...]`.
 
 MODEL is an ONNX file (run with onnxruntime; preprocessing from its facekd metadata or the flags) or anything
-`facekd.models.load_embedder` resolves (facekd `.safetensors` checkpoint, insightface `backbone.pth` with `--arch`).
+`evaluate.embed.load_embedder` resolves (facekd `.safetensors` checkpoint, insightface `backbone.pth` with `--arch`,
+`sface`, `onnx:PATH`). A bare architecture name (`r100`) is refused: it has random weights.
 SET is whatever `facedata.open_verification_set` opens: an insightface `.bin`, an LFW folder with pairs.txt, or
 `synthfaces` / `synthfaces:tiny` / `synthfaces:small`. The protocol is insightface's (evaluate.metrics).
 """
@@ -105,19 +106,23 @@ def _preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_model(model: str, *, arch: str | None = None, device: str = "cpu", threads: int | None = None,
-               overrides: dict[str, Any] | None = None):
-    """MODEL argument -> embedder: ONNX files directly, everything else through facekd.models.load_embedder."""
+               overrides: dict[str, Any] | None = None, allow_random_weights: bool = False):
+    """MODEL argument -> embedder: ONNX files directly, everything else through evaluate.embed.load_embedder
+    (which refuses a bare architecture name unless `allow_random_weights`)."""
     path = Path(model)
     looks_like_file = path.suffix.lower() in (".onnx", ".pth", ".pt", ".safetensors") or "/" in model
     if looks_like_file and not path.is_file():
         raise FacekdError(f"model not found: {model}")
     if path.suffix.lower() == ".onnx":
+        if arch is not None:
+            raise FacekdError(f"--arch {arch}: an ONNX file carries its own architecture; --arch is for checkpoints "
+                              "without facekd metadata (insightface backbone.pth)")
         from evaluate.embed import OnnxEmbedder  # imported here: torch is slow to import, errors above are not
 
         return OnnxEmbedder(path, overrides or None, threads=threads)
-    from facekd.models import load_embedder
+    from evaluate.embed import load_embedder
 
-    embedder = load_embedder(model, arch=arch, device=device)
+    embedder = load_embedder(model, arch=arch, device=device, allow_random_weights=allow_random_weights)
     if overrides:
         from facedata.transforms import check_preprocessing
 
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m evaluate.verify",
         description="Verification accuracy (insightface/LFW 10-fold protocol, image + flip), TAR@FAR, AUC, EER.")
-    parser.add_argument("model", help="ONNX file, facekd .safetensors checkpoint, or insightface backbone.pth (--arch)")
+    parser.add_argument("model", help="ONNX file, facekd .safetensors checkpoint, insightface backbone.pth (--arch), "
+                                      "or an ONNX teacher name (sface, onnx:PATH)")
     parser.add_argument("sets", nargs="+", metavar="SET",
                         help="insightface .bin, LFW folder with pairs.txt, synthfaces[:tiny|:small]")
     parser.add_argument("--json", action="store_true", help="print {set: {accuracy, std, tar_at_far, auc, eer, pairs}}")
@@ -153,12 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", default="teacher", help="stage of the rows written with --results "
                         "(teacher, student, pruned, int8)")
     parser.add_argument("--run", default="verify", help="run name of the rows written with --results")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="tests only: accept a bare architecture name (e.g. r100) and evaluate it with random "
+                             "weights; its accuracy means nothing, so --results is refused with it")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or (args.nfolds is not None and args.nfolds < 1):
         raise FacekdError("--batch-size and --nfolds must be >= 1")
+    if args.random_weights and args.results:
+        raise FacekdError("--random-weights is for tests: a random-weight accuracy is no result; drop --results")
 
     embedder = load_model(args.model, arch=args.arch, device=args.device, threads=args.threads,
-                          overrides=_preprocessing_overrides(args))
+                          overrides=_preprocessing_overrides(args), allow_random_weights=args.random_weights)
     sets = [_open_set(spec) for spec in args.sets]
     results = evaluate_sets(embedder, sets, flip=not args.no_flip, batch_size=args.batch_size, nfolds=args.nfolds,
                             progress=not args.quiet)

@@ -6,12 +6,17 @@ by the next readable image of the SAME identity (so labels stay right). Once mor
 dataset (default 0.001, env `FACEKD_MAX_BAD_FRACTION`) is bad, reading stops with a FacekdError naming the first
 files. With DataLoader workers each worker counts what it saw, so the limit applies per worker (a conservative
 reading of "fraction of the dataset"). Verification sets are decoded whole on open and any bad image is an error.
+
+    python -m facedata.datasets SPEC [--verification] [--decode-bench N]    # size, classes, fingerprint, decode rate
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from facekd.io import FacekdError, sha256_file
+from facekd.io import FacekdError, cli_main, sha256_file
 from facedata import formats, synthfaces
 from facedata.formats import BadImage, VerificationSet
 
@@ -290,3 +295,39 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, drop
     return _FaceLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last,
                        num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
                        generator=gen, prefetch_factor=4 if workers > 0 else None)
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m facedata.datasets",
+                                description="Inspect a face dataset: size, classes, fingerprint, decode rate.")
+    p.add_argument("spec", help="train spec (synthfaces[:size], image folder, train.rec dir) or verification "
+                                "spec (.bin, LFW folder) with --verification")
+    p.add_argument("--verification", action="store_true", help="open SPEC as a verification set")
+    p.add_argument("--decode-bench", type=int, default=0, metavar="N", help="decode N images and print images/s")
+    p.add_argument("--cache-dir")
+    args = p.parse_args(argv)
+    if args.verification:
+        t0 = time.perf_counter()
+        vs = open_verification_set(args.spec, cache_dir=args.cache_dir)
+        print(json.dumps({"name": vs.name, "pairs": vs.pairs, "genuine": int(vs.issame.sum()), "nfolds": vs.nfolds,
+                          "open_seconds": round(time.perf_counter() - t0, 2)}))
+        return 0
+    ds = open_train_set(args.spec, cache_dir=args.cache_dir)
+    info: dict[str, Any] = {"name": ds.name, "images": len(ds), "classes": ds.num_classes, "fingerprint": ds.fingerprint}
+    if args.decode_bench:
+        n = min(args.decode_bench, len(ds))
+        order = np.random.default_rng(0).permutation(len(ds))[:n]
+        t0 = time.perf_counter(); c0 = time.process_time()
+        for i in order.tolist():
+            ds[i]
+        info.update(decode_images=n, decode_images_per_s=round(n / (time.perf_counter() - t0), 1),
+                    decode_cpu_ms_per_image=round((time.process_time() - c0) / n * 1e3, 3))
+    info["bad_images"] = len(getattr(ds, "bad_files", {}))
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

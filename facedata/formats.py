@@ -11,22 +11,19 @@ Each reader has a writer, so tests round-trip real-format files and SynthFaces c
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
-import json
 import logging
 import os
 import pickle
 import struct
-import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from facekd.io import FacekdError, atomic_path, cli_main
+from facekd.io import FacekdError, atomic_path
 
 log = logging.getLogger("facedata")
 
@@ -474,39 +471,9 @@ def write_lfw(out: str | os.PathLike, vs: VerificationSet, *, image_format: str 
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------- CLI
-@cli_main
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m facedata.formats",
-                                description="Inspect a face dataset: size, classes, fingerprint, decode rate.")
-    p.add_argument("spec", help="train spec (synthfaces[:size], image folder, train.rec dir) or verification "
-                                "spec (.bin, LFW folder) with --verification")
-    p.add_argument("--verification", action="store_true", help="open SPEC as a verification set")
-    p.add_argument("--decode-bench", type=int, default=0, metavar="N", help="decode N images and print images/s")
-    p.add_argument("--cache-dir")
-    args = p.parse_args(argv)
-    from facedata.datasets import open_train_set, open_verification_set
+if __name__ == "__main__":  # the dataset-inspection command moved beside the openers it needs
+    import sys
 
-    if args.verification:
-        t0 = time.perf_counter()
-        vs = open_verification_set(args.spec, cache_dir=args.cache_dir)
-        print(json.dumps({"name": vs.name, "pairs": vs.pairs, "genuine": int(vs.issame.sum()), "nfolds": vs.nfolds,
-                          "open_seconds": round(time.perf_counter() - t0, 2)}))
-        return 0
-    ds = open_train_set(args.spec, cache_dir=args.cache_dir)
-    info: dict[str, Any] = {"name": ds.name, "images": len(ds), "classes": ds.num_classes, "fingerprint": ds.fingerprint}
-    if args.decode_bench:
-        n = min(args.decode_bench, len(ds))
-        order = np.random.default_rng(0).permutation(len(ds))[:n]
-        t0 = time.perf_counter(); c0 = time.process_time()
-        for i in order.tolist():
-            ds[i]
-        info.update(decode_images=n, decode_images_per_s=round(n / (time.perf_counter() - t0), 1),
-                    decode_cpu_ms_per_image=round((time.process_time() - c0) / n * 1e3, 3))
-    info["bad_images"] = len(getattr(ds, "bad_files", {}))
-    print(json.dumps(info))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    print("error: dataset inspection moved: python -m facedata.datasets SPEC [--verification] [--decode-bench N]",
+          file=sys.stderr)
+    raise SystemExit(2)

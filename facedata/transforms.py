@@ -13,10 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from facekd.io import FacekdError
-
-INSIGHTFACE_PREPROCESSING: dict[str, Any] = {
-    "input_size": [112, 112], "channel_order": "RGB", "mean": [127.5, 127.5, 127.5], "std": [127.5, 127.5, 127.5],
-}
+from facekd.models import INSIGHTFACE_PREPROCESSING  # noqa: F401  (the one default, defined with the registry)
 
 # insightface arcface_dst: left eye, right eye, nose tip, left and right mouth corners in a 112x112 crop
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],

@@ -19,15 +19,6 @@ from typing import Any
 from facekd.io import FacekdError, cli_main
 
 
-def compare_latency(models: dict[str, str | Path], *, threads: int = 1, runs: int = 100,
-                    warmup: int = 10) -> dict[str, dict[str, Any]]:
-    """`evaluate.latency.measure_latency` rows keyed by label (interleaved rounds; ratios vs the first model)."""
-    from evaluate.latency import measure_latency
-
-    rows = measure_latency([str(p) for p in models.values()], threads=(threads,), runs=runs, warmup=warmup)
-    return {label: {k: v for k, v in row.items() if k != "times_ms"} for label, row in zip(models, rows)}
-
-
 def format_latency(results: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]] | None = None) -> str:
     extra = extra or {}
     first = next(iter(results))
@@ -65,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from prune.run import compare_latency, parse_macs, resolve_checkpoint  # here: prune.run imports torch
+
     extra: dict[str, dict[str, Any]] = {}
     if args.onnx:
         models = {f"{i}:{Path(p).name}": p for i, p in enumerate(args.onnx)}
@@ -80,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
 
         from facekd.models import count_macs, count_params, export_onnx, load_checkpoint
         from prune.core import PruneConfig, prune_model, search_ratio
-        from prune.run import parse_macs, resolve_checkpoint
 
         student = load_checkpoint(resolve_checkpoint(args.checkpoint))
         variants = {"unpruned": student}

@@ -53,6 +53,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def compare_latency(models: dict[str, str | Path], *, threads: int = 1, runs: int = 100,
+                    warmup: int = 10) -> dict[str, dict[str, Any]]:
+    """`evaluate.latency.measure_latency` rows keyed by label (interleaved rounds; ratios vs the first model)."""
+    from evaluate.latency import measure_latency
+
+    rows = measure_latency([str(p) for p in models.values()], threads=(threads,), runs=runs, warmup=warmup)
+    return {label: {k: v for k, v in row.items() if k != "times_ms"} for label, row in zip(models, rows)}
+
+
 def run_layout(ckpt: Path) -> tuple[str, Path]:
     """(run name, run directory) of a checkpoint at runs/NAME/student/model.safetensors (or anywhere else)."""
     folder = ckpt.parent
@@ -324,7 +333,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from engine.presets import PRESETS, make_config, resolve_preset
     from facekd.models import export_onnx, load_checkpoint, read_checkpoint_metadata
-    from prune.bench import compare_latency
     from prune.core import ChannelPruner, PruneConfig, search_ratio
 
     ckpt = resolve_checkpoint(args.checkpoint)

@@ -403,6 +403,107 @@ def _run_name(model: Path) -> str:
     return model.stem
 
 
+# ----------------------------------------------------------------------------------------------- options side by side (quantize.bench)
+
+# key -> (label, quantize_onnx keyword arguments; None: a float model)
+VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
+    "fp32": ("fp32 (as exported)", None),
+    "fp32-max": ("fp32 + PReLU->Max rewrite", None),
+    "qdq-s8": ("int8 QDQ S8S8 (plain PTQ, ORT defaults)", dict(activations="s8", rewrite_prelu=False, fmt="qdq")),
+    "qdq-u8": ("int8 QDQ U8S8", dict(activations="u8", rewrite_prelu=False, fmt="qdq")),
+    "qop-u8": ("int8 QOperator U8S8", dict(activations="u8", rewrite_prelu=False, fmt="qoperator")),
+    "qdq-s8-max": ("int8 QDQ S8S8 + PReLU->Max", dict(activations="s8", rewrite_prelu=True, fmt="qdq")),
+    "qdq-u8-max": ("int8 QDQ U8S8 + PReLU->Max", dict(activations="u8", rewrite_prelu=True, fmt="qdq")),
+    "qop-u8-max": ("int8 QOperator U8S8 + PReLU->Max (default)",
+                   dict(activations="u8", rewrite_prelu=True, fmt="qoperator")),
+    "qop-u8-max-pt": ("int8 QOperator U8S8 + PReLU->Max, per-tensor w",
+                      dict(activations="u8", rewrite_prelu=True, fmt="qoperator", per_channel=False)),
+}
+
+
+def _rewritten_fp32(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from quantize.graph import copy_metadata, prelu_to_minmax
+
+    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    proto, _ = prelu_to_minmax(onnx.load(str(dst)))
+    copy_metadata(onnx.load(str(src), load_external_data=False), proto)
+    onnx.save(proto, str(dst))
+
+
+def compare(fp32: str | Path, calib_images: np.ndarray, vset: Any | None, *, runs: int = 100,
+            variants: list[str] | None = None, out: str | Path | None = None, log=print) -> list[dict[str, Any]]:
+    """Build each variant, time all of them interleaved, measure fidelity; print and return the table rows."""
+    from evaluate.latency import measure_latency, system_info
+
+    fp32 = Path(fp32)
+    names = variants or list(VARIANTS)
+    names = ["fp32"] + [n for n in names if n != "fp32"]  # the reference comes first
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise FacekdError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="facekd-qbench-") as tmp:
+        paths: dict[str, Path] = {}
+        for i, name in enumerate(names):
+            label, kwargs = VARIANTS[name]
+            if name == "fp32":
+                paths[name] = fp32
+                continue
+            path = Path(tmp) / f"v{i}.onnx"
+            if kwargs is None:
+                _rewritten_fp32(fp32, path)
+            else:
+                log(f"quantising: {label}")
+                quantize_onnx(fp32, path, calib_images, **kwargs)
+            paths[name] = path
+        lat = measure_latency([paths[n] for n in names], threads=(1,), runs=runs, warmup=10) if runs > 0 else None
+        ref_emb = None
+        for i, name in enumerate(names):
+            row: dict[str, Any] = {"key": name, "variant": VARIANTS[name][0], "file_bytes": paths[name].stat().st_size}
+            if lat is not None:
+                row["latency_ms"] = lat[i]["median_ms"]
+                row["latency_ratio"] = lat[i]["median_ms"] / lat[0]["median_ms"]
+            prof = profile_ops(paths[name], runs=20)
+            row["top_ops"] = dict(list(prof["ms_per_op_type"].items())[:5])
+            if vset is not None:
+                from evaluate.embed import OnnxEmbedder, embed_images
+                from evaluate.metrics import verification_metrics
+
+                emb = embed_images(OnnxEmbedder(paths[name]), vset.images, flip=True, progress=False)
+                ref_emb = emb if ref_emb is None else ref_emb
+                cos = cosine_rows(ref_emb, emb)
+                row["cos_mean"], row["cos_p1"] = float(cos.mean()), float(np.percentile(cos, 1))
+                row["accuracy"] = verification_metrics(emb, vset.issame)["accuracy"]
+            rows.append(row)
+    base = rows[0]["file_bytes"]
+    for row in rows:
+        row["size_ratio"] = row["file_bytes"] / base
+    log(format_table(rows, vset.name if vset is not None else None, runs))
+    if out:
+        atomic_write_json(out, {"rows": rows, "host": system_info(), "runs": runs,
+                                "dataset": vset.name if vset is not None else None})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], dataset: str | None, runs: int) -> str:
+    head = f"{'variant':48s} {'ms':>7s} {'x fp32':>7s} {'MB':>6s} {'size':>6s} {'cos':>7s} {'cos p1':>7s} {'acc':>7s}"
+    lines = [f"quantisation options (onnxruntime CPU, batch 1, 1 thread, {runs} interleaved runs, median; fidelity on "
+             f"{dataset or '-'} with flip)", head, "-" * len(head)]
+    for r in rows:
+        def f(key: str, fmt: str) -> str:
+            return fmt.format(r[key]) if key in r else "-"
+        lines.append(f"{r['variant']:48s} {f('latency_ms', '{:7.2f}'):>7s} {f('latency_ratio', '{:7.2f}'):>7s} "
+                     f"{r['file_bytes'] / 1e6:6.3f} {100 * r['size_ratio']:5.1f}% {f('cos_mean', '{:7.4f}'):>7s} "
+                     f"{f('cos_p1', '{:7.4f}'):>7s} {f('accuracy', '{:7.4f}'):>7s}")
+    lines.append("where the time goes (kernel ms per inference, top op types):")
+    for r in rows:
+        lines.append(f"  {r['variant']:46s} " + ", ".join(f"{k} {v:.2f}" for k, v in r["top_ops"].items()))
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
@@ -512,8 +613,6 @@ def main(argv: list[str] | None = None) -> int:
         _write_results(results_rows(report, arch=arch, run=args.run or _run_name(model), int8_path=int8,
                                     params=params, macs=macs, embedding_dim=dim), args.results)
     if args.compare:
-        from quantize.bench import compare
-
         compare(fp32, images, vset, runs=args.runs)
     return 0
 

@@ -233,17 +233,18 @@ def known_teacher_key(teacher: str) -> tuple[str, dict[str, Any]] | None:
 
 def teacher_embedder(teacher: str, weights: str | None, device: str = "cpu") -> tuple[Embed, str, dict]:
     """(embedder, weights sha256, preprocessing): registry name + weights file, `onnx:PATH`, `sface`, `dlib_resnet`."""
+    from evaluate.embed import load_embedder
     from facekd import models
 
     if weights:
         if not Path(weights).is_file():
             raise FacekdError(f"teacher weights not found: {weights}")
-        embedder = models.load_embedder(weights, arch=teacher, device=device)
+        embedder = load_embedder(weights, arch=teacher, device=device)
         sha = sha256_file(weights)
     elif teacher.startswith("onnx:") or teacher == "sface":
         from teachers.onnx_teacher import sface_path
 
-        embedder = models.load_embedder(teacher, device=device)
+        embedder = load_embedder(teacher, device=device)
         # the file as given, not the repaired copy onnxruntime runs: the key must not move when the repair does
         sha = sha256_file(teacher[5:] if teacher.startswith("onnx:") else sface_path())
     elif teacher == "dlib_resnet":  # pretrained PyTorch weights from face-recognition-models, run as its ONNX export

@@ -412,3 +412,6 @@ def dlib_resnet() -> DlibResNet:
     if torch.get_default_device().type != "meta":  # `teachers list` counts on the meta device: no weights needed
         load_dlib_weights(model, dlib_model_path())
     return model.eval()
+
+
+dlib_resnet.ships_weights = True  # trained weights from face-recognition-models (facekd.models.has_weights)

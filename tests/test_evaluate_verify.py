@@ -213,6 +213,35 @@ def test_cli_errors_are_one_line(bin_files, tmp_path, capsys):
     assert "error: cannot read ONNX model" in capsys.readouterr().err
 
 
+def test_random_weights_and_unreadable_checkpoints_are_refused(bin_files, tmp_path, capsys):
+    from evaluate.embed import load_embedder
+    from facekd.models import create_model, save_checkpoint
+
+    root, _ = bin_files
+    good = save_checkpoint(create_model("mobilefacenet_s", width=0.25), tmp_path / "good.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:200])
+    (tmp_path / "image.pth").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    results = tmp_path / "summary.csv"
+    cases = [  # (argv, message): refused before any set is opened or any row written
+        (["mbf", str(root / "pairs.bin")], "'mbf' is an architecture name, not a trained model"),
+        (["mbf", str(root / "pairs.bin"), "--random-weights", "--results", str(results)], "drop --results"),
+        ([str(tmp_path / "cut.safetensors"), str(root / "pairs.bin")], "cannot read safetensors checkpoint"),
+        ([str(tmp_path / "image.pth"), str(root / "pairs.bin"), "--arch", "mbf"], "corrupt or not a torch file"),
+        ([str(root / "tiny.onnx"), str(root / "pairs.bin"), "--arch", "r50"], "an ONNX file carries its own"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv + ["--quiet", "--threads", "1"])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err, err
+        assert "weights_only" not in err
+    assert not results.exists()
+    for hint in ("checkpoint", "backbone.pth with --arch", "ONNX file"):  # the refusal says what to pass instead
+        assert hint in str(pytest.raises(Exception, load_embedder, "r100").value)
+    embedder = load_embedder("mobilefacenet_s", allow_random_weights=True, width=0.25)  # tests may, explicitly
+    assert isinstance(embedder, TorchEmbedder) and embedder(random_faces(2, 0)).shape == (2, embedder.embedding_dim)
+
+
 def test_embed_set_cache_reuses_only_the_same_file_set_and_flip(tmp_path, monkeypatch):
     from facedata.formats import VerificationSet
     from evaluate.embed import embed_set

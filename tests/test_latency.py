@@ -99,6 +99,8 @@ def test_inputs_are_batch_one_and_seeded(models: tuple[Path, Path]) -> None:
     (["{model}", "--threads", "0"], "--threads: expected positive integers"),
     (["{model}", "--threads", "one"], "--threads: expected comma-separated integers"),
     (["{model}", "--arm-cpus", "cortex-m4"], "--arm-cpus: unknown CPU 'cortex-m4'"),
+    (["mbf"], "'mbf' is an architecture name, not a trained model"),
+    (["{cut}"], "cannot read safetensors checkpoint"),
 ])
 def test_bad_input_is_one_line_error(argv: list[str], message: str, models: tuple[Path, Path], tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,7 +108,9 @@ def test_bad_input_is_one_line_error(argv: list[str], message: str, models: tupl
     txt.write_text("x")
     bad = tmp_path / "corrupt.onnx"
     bad.write_bytes(b"not a protobuf at all")
-    argv = [a.format(txt=txt, bad=bad, model=models[0]) for a in argv]
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # a safetensors header that ends after one byte
+    argv = [a.format(txt=txt, bad=bad, model=models[0], cut=cut) for a in argv]
     with pytest.raises(SystemExit) as exc:
         latency.main(argv + ["--runs", "1", "--warmup", "0"])
     assert exc.value.code == 2

@@ -209,6 +209,25 @@ def test_insightface_backbone_pth(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "junk.pth", arch="r18")
 
 
+def test_unreadable_checkpoints_are_one_line_errors_without_unsafe_advice(tmp_path: Path) -> None:
+    good = save_checkpoint(create_model("mobilefacenet_s", width=0.25), tmp_path / "good.safetensors")
+    data = good.read_bytes()
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4  # a PNG signature and junk: what a wrong file looks like
+    cases = {"truncated.safetensors": (data[: len(data) // 2], "cannot read safetensors checkpoint"),
+             "image.safetensors": (png, "cannot read safetensors checkpoint"),
+             "image.pth": (png, "cannot read torch checkpoint"),
+             "notes.pth": (b"hello, not a pickle", "cannot read torch checkpoint")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        for arch in ((None, "mobilefacenet_s") if name.endswith(".safetensors") else ("mobilefacenet_s",)):
+            with pytest.raises(FacekdError, match=message) as err:
+                load_checkpoint(tmp_path / name, arch=arch)
+            # one line, and never torch's advice to load with weights_only=False (it would run code from the file)
+            assert "\n" not in str(err.value) and "weights_only" not in str(err.value), (name, str(err.value))
+    with pytest.raises(FacekdError, match="cannot read safetensors checkpoint"):
+        read_checkpoint_metadata(tmp_path / "truncated.safetensors")
+
+
 def test_registry_and_timm(tmp_path: Path) -> None:
     teachers, students = list_models("teacher"), list_models("student")
     assert {"r18", "r34", "r50", "r100", "r200", "sface"} <= set(teachers)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from evaluate.embed import load_embedder
 from facekd.io import FacekdError
-from facekd.models import create_model, export_onnx, load_embedder, read_onnx_metadata
+from facekd.models import create_model, export_onnx, read_onnx_metadata
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -150,7 +151,7 @@ def _block_quantised_conv(path: Path, blocked: bool = True) -> np.ndarray:
 def test_runnable_onnx_folds_block_quantised_weights_exactly(tmp_path: Path) -> None:
     import onnx
 
-    from teachers.onnx_teacher import runnable_onnx
+    from facekd.models import runnable_onnx
 
     src = tmp_path / "bq.onnx"
     weight = _block_quantised_conv(src)
@@ -169,7 +170,7 @@ def test_runnable_onnx_folds_block_quantised_weights_exactly(tmp_path: Path) -> 
 def test_runnable_onnx_leaves_per_channel_qdq_weights_for_int8_kernels(tmp_path: Path) -> None:
     import onnx
 
-    from teachers.onnx_teacher import runnable_onnx
+    from facekd.models import runnable_onnx
 
     src = tmp_path / "pc.onnx"
     weight = _block_quantised_conv(src, blocked=False)

@@ -6,7 +6,7 @@ Prints, on the verification split of SPEC:
 - accuracy of a quickly trained small CNN (CosFace head, from scratch; or `--model mobilefacenet` through the
   model registry) trained on the train split of SPEC (should be clearly above chance and far from 100%).
 
-    python -m facedata.sanity --spec synthfaces --steps 600 --batch 64
+    python -m evaluate.sanity --spec synthfaces --steps 600 --batch 64
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def train_and_eval(spec: str, *, model_name: str, steps: int, batch: int, lr: fl
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m facedata.sanity", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m evaluate.sanity", description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", default="synthfaces")
     p.add_argument("--model", default="proxy", help="'proxy' (built-in small CNN) or a registered model name")
     p.add_argument("--steps", type=int, default=600)
