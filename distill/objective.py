@@ -102,9 +102,10 @@ class DistillObjective(nn.Module):
                  teacher: Callable[[Mapping[str, Any]], Tensor] | None = None, teacher_dim: int | None = None,
                  centres: Tensor | None = None, margin: str = "arcface", s: float = 64.0, m: float | None = None,
                  weights: Mapping[str, float] | None = None, temperature: float = 4.0, logit_scale: float = 64.0,
-                 feature_metric: str = "cosine", adadistill_m: float = 0.45) -> None:
+                 feature_metric: str = "cosine", adadistill_m: float = 0.45, head: str = "dense",
+                 sample_rate: float = 1.0) -> None:
         super().__init__()
-        from engine.margin import MarginHead
+        from engine.margin import make_head
 
         self.kd = parse_kd(kd) if isinstance(kd, str) else tuple(kd)
         unknown = set(weights or {}) - set(DEFAULT_WEIGHTS)
@@ -118,9 +119,11 @@ class DistillObjective(nn.Module):
         self.proj = (nn.Linear(student_dim, teacher_dim, bias=False)
                      if teacher_dim != student_dim and _PROJECTED & set(self.kd) else nn.Identity())
         if "adadistill" in self.kd:
+            if head != "dense":
+                raise FacekdError("--kd adadistill has its own dense head of EMA teacher centres; use --head dense")
             self.adadistill = AdaDistillHead(teacher_dim, num_classes, margin=margin, s=s, m=adadistill_m)
         else:
-            self.head = MarginHead(student_dim, num_classes, margin=margin, s=s, m=m)
+            self.head = make_head(head, student_dim, num_classes, margin=margin, s=s, m=m, sample_rate=sample_rate)
         if "feature" in self.kd:
             self.feature = FeatureKD(feature_metric)
         if "logit" in self.kd:

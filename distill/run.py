@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--margin", default="arcface", choices=("arcface", "cosface"), help="hard-label margin loss")
     g.add_argument("--s", type=float, default=64.0, help="margin-softmax scale")
     g.add_argument("--m", type=float, default=None, help="margin (default 0.5 arcface, 0.35 cosface)")
+    g.add_argument("--head", default="dense", choices=("dense", "partial_fc"),
+                   help="hard-label head: dense, or partial_fc (class centres sharded over ranks, sampled)")
+    g.add_argument("--sample-rate", type=float, default=1.0, help="partial_fc: fraction of each rank's classes")
     for name, value in DEFAULT_WEIGHTS.items():
         g.add_argument(f"--w-{name}", type=float, default=value, help=f"weight of the {name} loss")
     g.add_argument("--temperature", type=float, default=4.0, help="logit KD temperature T")
@@ -244,7 +247,7 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
                                  centres=cache.centres if cache is not None else None, margin=args.margin, s=args.s,
                                  m=args.m, weights=weights, temperature=args.temperature,
                                  logit_scale=args.logit_scale, feature_metric=args.feature_metric,
-                                 adadistill_m=args.adadistill_m)
+                                 adadistill_m=args.adadistill_m, head=args.head, sample_rate=args.sample_rate)
     metrics = Trainer(student, objective, dataset, cfg, val_sets=val_sets).fit(resume=args.resume)
     if _rank() != 0:
         return {"metrics": metrics, "student": student}
@@ -253,7 +256,8 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
     settings = {"student": args.student, "teacher": args.teacher, "kd": kd_label(kd), "online_teacher":
                 args.online_teacher, "margin": args.margin, "s": args.s, "m": args.m, "weights": weights,
                 "temperature": args.temperature, "logit_scale": args.logit_scale,
-                "feature_metric": args.feature_metric, "adadistill_m": args.adadistill_m, "train": metrics["config"]}
+                "feature_metric": args.feature_metric, "adadistill_m": args.adadistill_m, "head": args.head,
+                "sample_rate": args.sample_rate, "train": metrics["config"]}
     inputs = {"dataset": dataset.fingerprint}
     if teacher_info.get("weights"):
         inputs["teacher_sha256"] = sha256_file(teacher_info["weights"])
@@ -276,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in DEFAULT_WEIGHTS:
         if getattr(args, f"w_{name}") < 0:
             raise FacekdError(f"--w-{name} must be >= 0, got {getattr(args, f'w_{name}')}")
+    from teachers.train import check_head
+
+    check_head(args.head, args.sample_rate)
+    if args.head != "dense" and any("adadistill" in kd for kd in kd_settings):
+        raise FacekdError("--kd adadistill has its own dense head of EMA teacher centres; use --head dense")
     preset = resolve_preset(args.preset)
     device = _device(args.device)
     dataset = facedata.open_train_set(args.data)
