@@ -100,14 +100,16 @@ def find_trained_teacher(arch: str, dataset_fp: str, runs: Path = RUNS) -> Path 
     return None
 
 
-def estimate_teacher_training(arch: str, preset: str, device: str, steps: int = 3) -> float:
+def estimate_teacher_training(arch: str, preset: str, device: str, steps: int = 3,
+                              num_images: int | None = None) -> float:
     """Seconds to train `arch` for the preset's steps, extrapolated from a few measured steps here."""
     import torch
 
-    from engine.presets import PRESETS
+    from engine.presets import make_config
     from facekd.models import create_model
 
-    cfg = PRESETS[preset]
+    full = make_config(preset, num_images=num_images)
+    cfg = {"batch_size": full.batch_size, "steps": full.steps}
     batch = min(cfg["batch_size"], 8 if device == "cpu" else cfg["batch_size"])
     model = create_model(arch).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -146,7 +148,7 @@ def resolve_teacher(args: argparse.Namespace, dataset: Any, out: Path, preset: s
         raise FacekdError(f"no {args.teacher} teacher for {args.data}: pass --teacher-weights (facekd checkpoint or "
                           f"insightface backbone.pth), or train one: python -m teachers.train --arch {args.teacher} "
                           f"--data {args.data}")
-    seconds = estimate_teacher_training(args.teacher, preset, device)
+    seconds = estimate_teacher_training(args.teacher, preset, device, num_images=len(dataset))
     teacher_out = out / "teacher"
     print(f"no {args.teacher} teacher for {dataset.name}: training one first with the {preset} preset "
           f"(estimated {seconds / 60:.1f} min on {device}, extrapolated from 3 measured steps) -> {teacher_out}")
@@ -221,8 +223,8 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
     from engine.trainer import Trainer
     from facekd.models import create_model, export_onnx, load_checkpoint
 
-    cfg = make_config(preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      workers=args.workers, device=args.device, out=str(run_dir), arch=args.student)
+    cfg = make_config(preset, num_images=len(dataset), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      seed=args.seed, workers=args.workers, device=args.device, out=str(run_dir), arch=args.student)
     torch.manual_seed(args.seed)
     student = create_model(args.student)
     teacher, cache, teacher_dim = None, teacher_info.get("cache"), None

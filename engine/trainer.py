@@ -243,9 +243,10 @@ class Trainer:
         sampler = StepBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed, start, cfg.steps, self.rank, self.world)
         if sampler.steps_per_epoch < 1:
             raise FacekdError(f"dataset smaller than one batch of {cfg.batch_size}")
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, num_workers=self._workers(), pin_memory=dev.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.seed))  # own generator: the global RNG stays untouched
+        from facedata import make_loader  # the one loader path; its own generator leaves the global RNG alone
+
+        loader = make_loader(self.dataset, batch_sampler=sampler, workers=self._workers(), seed=cfg.seed,
+                             pin_memory=dev.type == "cuda")
         model_params = [p for p in self.model.parameters() if p.requires_grad]
         self._pending, self._window_start = [], time.perf_counter()
         progress = _progress(start, cfg.steps, disable=not self.is_main)

@@ -88,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 evaluates
     val_sets = [facedata.open_verification_set(v) for v in val_specs] if is_main else []
 
-    cfg = make_config(args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                      amp=args.amp, ema=args.ema, ckpt_every=args.ckpt_every, eval_every=args.eval_every,
-                      log_every=args.log_every, seed=args.seed, workers=args.workers, device=args.device,
-                      flip=not args.no_flip, out=str(out), arch=args.arch)
+    cfg = make_config(args.preset, num_images=len(dataset), steps=args.steps, batch_size=args.batch_size,
+                      lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                      grad_clip=args.grad_clip, amp=args.amp, ema=args.ema, ckpt_every=args.ckpt_every,
+                      eval_every=args.eval_every, log_every=args.log_every, seed=args.seed, workers=args.workers,
+                      device=args.device, flip=not args.no_flip, out=str(out), arch=args.arch)
     torch.manual_seed(args.seed)  # same initial weights on every rank and every run
     model = create_model(args.arch, **model_kwargs)
     head = make_head(args.head, model.embedding_dim, dataset.num_classes, margin=args.margin, s=args.s, m=args.m,

@@ -1,4 +1,5 @@
 """Partial FC against the dense MarginHead: loss and gradients in one process and in two (gloo, CPU, spawn).
+The same two processes check distill's RelationalKD over the all-gathered batch against one process.
 
 The reference is `engine.margin.MarginHead` on the whole global batch in one process (itself checked against
 insightface's acos formula in test_engine.py). With sample_rate < 1 the reference is MarginHead restricted to the
@@ -124,6 +125,14 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
     try:
         for sample_rate, margin in CONFIGS:
             out[(rank, sample_rate, margin)] = _one_rank(rank, sample_rate, margin)
+        from distill.losses import RelationalKD
+
+        s, t = _relational_problem()
+        local = slice(rank * B, (rank + 1) * B)
+        s_local = s[local].clone().requires_grad_(True)
+        loss = RelationalKD()(s_local, t[local])
+        loss.backward()
+        out[(rank, "relational")] = {"loss": loss.detach(), "grad": s_local.grad}
     finally:
         dist.destroy_process_group()
 
@@ -141,6 +150,11 @@ def _one_rank(rank: int, sample_rate: float, margin: str) -> dict:
     start = pfc.class_start
     index = [start + int((weight[start:start + pfc.num_local] == r).all(dim=1).nonzero()) for r in rows]
     return {"loss": loss.detach(), "emb_grad": e.grad, "w_grad": pfc.weight.grad, "index": index}
+
+
+def _relational_problem() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    return torch.randn(2 * B, D, generator=gen), torch.randn(2 * B, 5, generator=gen)
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +211,16 @@ def test_trainer_with_sampled_partial_fc_resumes_exactly(tmp_path) -> None:
     assert torch.equal(ref.objective.head.weight, resumed.objective.head.weight)
     for a, b in zip(ref.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_relational_kd_over_the_all_gathered_batch_equals_one_process(two_ranks: dict) -> None:
+    from distill.losses import RelationalKD
+
+    s, t = _relational_problem()
+    s = s.requires_grad_(True)
+    ref = RelationalKD()(s, t)
+    ref.backward()
+    for r in (0, 1):
+        got = two_ranks[(r, "relational")]
+        torch.testing.assert_close(got["loss"], ref.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got["grad"] / 2, s.grad[r * B:(r + 1) * B], rtol=1e-5, atol=1e-8)
