@@ -180,9 +180,11 @@ class PartialFC(nn.Module):
 
 def head_bytes(num_classes: int, embedding_dim: int, world: int = 1, sample_rate: float = 1.0,
                batch_size: int = 512, momentum: bool = True) -> dict[str, int]:
-    """Computed per-rank memory of a margin head: weight + gradient (+ SGD momentum) of the shard, and the fp32
-    logits of one global batch over the sampled classes with their softmax copy (the transient part)."""
+    """Computed per-rank memory of a margin head in fp32: `state` = weight + gradient (+ SGD momentum) of the shard;
+    `transient` = the normalised copy of the sampled rows and its gradient, and the logits of one global batch over
+    them with their softmax; `total` = both (a dense head is world=1: every rank holds every class)."""
     num_local = shard_range(num_classes, 0, world)[1]
+    sampled = max(1, int(sample_rate * num_local))
     state = num_local * embedding_dim * 4 * (3 if momentum else 2)
-    logits = 2 * batch_size * max(1, int(sample_rate * num_local)) * 4
-    return {"state": state, "logits": logits, "total": state + logits}
+    transient = 2 * sampled * embedding_dim * 4 + 2 * batch_size * sampled * 4
+    return {"state": state, "transient": transient, "total": state + transient}
