@@ -1,6 +1,7 @@
 """`DistillObjective`: the student's training objective for `engine.Trainer`, built from a `--kd` spec.
 
-    loss = w_ce * margin_ce(s, y)                         (engine.margin.MarginHead on the student embedding;
+    loss = w_ce * margin_ce(s, y)                         (engine.margin.MarginHead on the student embedding, or
+                                                           engine.partial_fc.PartialFC with head="partial_fc";
                                                            replaced by the AdaDistill head when `adadistill` is on)
          + w_feature * FeatureKD(P s, t) + w_logit * LogitKD(P s, t) + w_relational * RelationalKD(s, t)
 

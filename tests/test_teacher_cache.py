@@ -313,3 +313,18 @@ def test_two_rank_build_equals_one_rank_build_array_for_array(tmp_path):
         assert one.manifest["content_sha256"] == two.manifest["content_sha256"]
         assert two.manifest["world_size"] == 2
     assert not list(tmp_path.glob(".two-*"))  # no temp dir left behind
+
+
+def test_onnx_teacher_moves_to_cuda_only_on_a_cuda_device_with_the_provider(capsys):
+    import onnxruntime as ort
+
+    from teachers.cache import onnx_on_cuda
+
+    class Fake:
+        path, session = "model.onnx", "cpu session"
+
+    fake = Fake()
+    assert onnx_on_cuda(fake, "cpu") is False and fake.session == "cpu session"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():  # this CPU build: a note, the CPU session stays
+        assert onnx_on_cuda(fake, "cuda:0") is False and fake.session == "cpu session"
+        assert "no CUDAExecutionProvider" in capsys.readouterr().out
