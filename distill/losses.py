@@ -10,7 +10,9 @@ When d_s != d_t the student is first mapped by a learnable linear projection P (
 - `RelationalKD`  G^s = hat(s) hat(s)^T, G^t = hat(t) hat(t)^T (batch cosine-similarity matrices);
                   L = mean over the B(B-1) off-diagonal entries of (G^s - G^t)^2.  This is the *angle-free*
                   similarity-preserving form (Tung & Mori 2019 with cosine Gram matrices), not RKD's distance or
-                  angle potentials; it needs no projection because both Gram matrices are B x B.
+                  angle potentials; it needs no projection because both Gram matrices are B x B. Under DDP, B is
+                  the global batch: both sides are all-gathered, so the loss is the one-process loss of the global
+                  batch (each rank's local gradient is scaled by world size, undone by DDP's gradient averaging).
 - `AdaDistillHead` AdaDistill (Boutros, Struc, Damer, ECCV 2024); see its docstring for the reading of the paper/code.
 
 Several teachers at once (`--teacher A+B`): the teacher embedding is the concatenation of the K teachers' embeddings
@@ -89,10 +91,12 @@ class LogitKD(nn.Module):
 
 
 class RelationalKD(nn.Module):
-    """MSE between the off-diagonal entries of the student's and teacher's batch cosine-similarity matrices."""
+    """MSE between the off-diagonal entries of the student's and teacher's batch cosine-similarity matrices, over
+    the global batch (all-gathered under DDP)."""
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        s, t = F.normalize(student.float(), dim=1), F.normalize(teacher.float(), dim=1)
+        student, (teacher,) = _GatherOwnGrad.apply(student.float()), _gather_across_ranks(teacher.float())
+        s, t = F.normalize(student, dim=1), F.normalize(teacher, dim=1)
         b = s.shape[0]
         if b < 2:
             return s.new_zeros(())
@@ -181,3 +185,27 @@ def _gather_across_ranks(*tensors: Tensor) -> tuple[Tensor, ...]:
         dist.all_gather(parts, x.contiguous())
         out.append(torch.cat(parts))
     return tuple(out)
+
+
+class _GatherOwnGrad(torch.autograd.Function):
+    """Concatenate x over DDP ranks (identity in one process). Every rank computes the same loss of the whole
+    gathered batch, so the gradient of its own slice is complete locally; it is multiplied by world size because DDP
+    averages gradients over ranks (arcface_torch's AllGather does the same)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if ctx.world == 1:
+            return x.view_as(x)
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(ctx.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        if ctx.world == 1:
+            return grad
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows] * ctx.world

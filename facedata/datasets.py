@@ -177,7 +177,7 @@ class RecordIOFaceDataset(_FileFaceDataset):
     def __init__(self, spec: str | os.PathLike, *, max_bad_fraction: float | None = None):
         self.rec, self.idx = formats.recordio_paths(spec)
         keys, labels = formats.scan_recordio(self.rec, self.idx)
-        self.offsets = formats.read_idx(self.idx)
+        self.offsets = formats.read_idx(self.idx)  # int64 array by record key, shared copy-on-write by workers
         st = self.rec.stat()
         fp = hashlib.sha256(self.idx.read_bytes())
         fp.update(f"{st.st_size}".encode())
@@ -204,7 +204,7 @@ class RecordIOFaceDataset(_FileFaceDataset):
         key = int(self.keys[i])
         where = f"{self.rec} record {key}"
         try:
-            _, _, payload = formats.unpack_record(formats._read_record(self._fh, self.offsets[key]))
+            _, _, payload = formats.unpack_record(formats._read_record(self._fh, int(self.offsets[key])))
         except BadImage as err:
             raise BadImage(f"{where}: {err}") from None
         return formats.decode_image(payload, where, source=str(self.rec))
@@ -277,24 +277,33 @@ class _FaceLoader(DataLoader):
             yield batch
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, drop_last: bool = True,
-                workers: int | None = None, seed: int = 0, distributed: bool = False) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int = 1, *, shuffle: bool = True, drop_last: bool = True,
+                workers: int | None = None, seed: int = 0, distributed: bool = False,
+                batch_sampler: Any = None, pin_memory: bool | None = None) -> DataLoader:
     """A DataLoader of (uint8 images, labels, indices) batches; normalise on the device afterwards.
 
     distributed=True shards with DistributedSampler (call `loader.sampler.set_epoch(epoch)` each epoch).
+    `batch_sampler` (e.g. engine.trainer.StepBatchSampler, whose batches are a pure function of the step, which
+    exact resume needs) replaces batch_size/shuffle/drop_last/distributed; engine.Trainer loads through here too.
+    pin_memory defaults to CUDA being available.
     """
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     if workers < 0:
         raise FacekdError(f"workers must be >= 0, got {workers}")
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    common = {"num_workers": workers, "pin_memory": pin, "generator": gen,
+              "prefetch_factor": 4 if workers > 0 else None}
+    if batch_sampler is not None:  # one pass over a finite schedule: no persistent workers to keep
+        return _FaceLoader(dataset, batch_sampler=batch_sampler, **common)
     sampler = None
     if distributed:
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
         shuffle = False
-    gen = torch.Generator()
-    gen.manual_seed(seed)
     return _FaceLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last,
-                       num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-                       generator=gen, prefetch_factor=4 if workers > 0 else None)
+                       persistent_workers=workers > 0, **common)
+
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI

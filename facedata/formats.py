@@ -200,17 +200,30 @@ def _frame(data: bytes) -> bytes:
     return b"".join(out)
 
 
-def read_idx(path: str | os.PathLike) -> dict[int, int]:
-    index: dict[int, int] = {}
-    with open(path, encoding="ascii") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                k, off = line.split("\t")
-                index[int(k)] = int(off)
-            except ValueError:
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Record offsets of an insightface .idx, indexed by record key (int64; -1 where the file has no such key).
+
+    One numpy array instead of a dict of Python ints: MS1MV3's 5.2M records take 42 MB, shared copy-on-write by
+    DataLoader workers (a dict's refcounts would make every worker copy its pages)."""
+    raw = Path(path).read_bytes()
+    tokens = raw.split()
+    lines = [ln for ln in raw.splitlines() if ln.strip()]
+    try:
+        if len(tokens) != 2 * len(lines):
+            raise ValueError
+        pairs = np.array(tokens).astype(np.int64).reshape(-1, 2) if tokens else np.zeros((0, 2), np.int64)
+    except ValueError:  # find the line to name
+        for n, line in enumerate(raw.decode("ascii", "replace").splitlines(), 1):
+            parts = line.split("\t")
+            if line.strip() and (len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts)):
                 raise FacekdError(f"{path}:{n}: not an 'index<TAB>offset' line: {line.strip()[:60]!r}") from None
+        raise FacekdError(f"{path}: not an insightface .idx (index<TAB>offset lines)") from None
+    keys, offsets = pairs[:, 0], pairs[:, 1]
+    if len(keys) and (keys.min() < 0 or keys.max() > 4 * len(keys) + (1 << 20)):
+        raise FacekdError(f"{path}: record keys {int(keys.min())}..{int(keys.max())} for {len(keys)} records; "
+                          f"insightface keys run from 0 without large gaps")
+    index = np.full(int(keys.max()) + 1 if len(keys) else 0, -1, dtype=np.int64)
+    index[keys] = offsets
     return index
 
 
@@ -230,27 +243,28 @@ def scan_recordio(rec: Path, idx: Path) -> tuple[np.ndarray, np.ndarray]:
     image keys 1 .. label[0]-1; otherwise every key is an image."""
     index = read_idx(idx)
     with open(rec, "rb") as fh:
-        if 0 in index:
+        if len(index) and index[0] >= 0:
             try:
                 flag, label, _ = unpack_record(_read_record(fh, index[0]))
             except BadImage as err:
                 raise FacekdError(f"{rec}: unreadable header record 0 ({err})") from None
         else:
             flag, label = 0, 0.0
-        keys = np.arange(1, int(label[0]), dtype=np.int64) if flag > 0 else np.asarray(sorted(index), dtype=np.int64)
-        missing = [int(k) for k in keys[:100000] if int(k) not in index]
+        keys = np.arange(1, int(label[0]), dtype=np.int64) if flag > 0 else np.flatnonzero(index >= 0)
+        missing = keys[(keys >= len(index)) | (index[np.minimum(keys, len(index) - 1)] < 0)].tolist()
         if missing:
-            raise FacekdError(f"{idx}: header says images 1..{int(label[0]) - 1} but keys are missing, e.g. {missing[:5]}")
+            raise FacekdError(f"{idx}: header says images 1..{int(label[0]) - 1} but keys are missing, "
+                              f"e.g. {missing[:5]}")
         labels = np.empty(len(keys), dtype=np.int64)
         for n, k in enumerate(keys.tolist()):
-            fh.seek(index[k])
+            fh.seek(int(index[k]))
             head = fh.read(8 + _IR_SIZE + 4)
             try:
                 magic, lrec = struct.unpack("<II", head[:8])
                 if magic != RECORDIO_MAGIC:
                     raise ValueError("bad magic")
                 if lrec >> 29:  # a multi-part record: its header may be split, read it whole
-                    flag_k, lab, _ = unpack_record(_read_record(fh, index[k]))
+                    flag_k, lab, _ = unpack_record(_read_record(fh, int(index[k])))
                     labels[n] = int(lab[0]) if flag_k > 0 else int(lab)
                     continue
                 flag_k, lab, _, _ = struct.unpack(_IR_FORMAT, head[8:8 + _IR_SIZE])

@@ -24,7 +24,7 @@ from facekd.io import FacekdError, cli_main, sha256_file, write_manifest
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.margin import MARGINS
+    from engine.margin import HEADS, MARGINS
     from engine.presets import PRESET_CHOICES
     from engine.trainer import AMP_CHOICES
 
@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", default="arcface", choices=sorted(MARGINS))
     p.add_argument("--s", type=float, default=64.0, help="logit scale")
     p.add_argument("--m", type=float, default=None, help="margin (default 0.5 arcface, 0.35 cosface)")
+    p.add_argument("--head", default="dense", choices=HEADS,
+                   help="dense margin head, or partial_fc: class centres sharded over torchrun ranks and sampled")
+    p.add_argument("--sample-rate", type=float, default=1.0,
+                   help="partial_fc: fraction of each rank's classes per step (positives always; arcface_torch 0.3)")
     p.add_argument("--preset", default="auto", choices=PRESET_CHOICES, help="auto: gpu with CUDA, else cpu")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int, help="global batch size (summed over torchrun processes)")
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import facedata
-    from engine.margin import MarginHead, MarginObjective
+    from engine.margin import MarginObjective, make_head
     from engine.presets import make_config
     from engine.trainer import Trainer, TrainingStopped
     from facekd.models import create_model
@@ -79,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         raise FacekdError(f"--model-kwargs is not valid JSON: {err}") from None
     if not isinstance(model_kwargs, dict):
         raise FacekdError("--model-kwargs must be a JSON object")
+    check_head(args.head, args.sample_rate)
     out = Path(args.out or Path("runs") / args.arch.replace(":", "_").replace("/", "_") / "teacher")
     dataset = facedata.open_train_set(args.data)
     val_specs = args.val
@@ -87,14 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 evaluates
     val_sets = [facedata.open_verification_set(v) for v in val_specs] if is_main else []
 
-    cfg = make_config(args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                      amp=args.amp, ema=args.ema, ckpt_every=args.ckpt_every, eval_every=args.eval_every,
-                      log_every=args.log_every, seed=args.seed, workers=args.workers, device=args.device,
-                      flip=not args.no_flip, out=str(out), arch=args.arch)
+    cfg = make_config(args.preset, num_images=len(dataset), steps=args.steps, batch_size=args.batch_size,
+                      lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                      grad_clip=args.grad_clip, amp=args.amp, ema=args.ema, ckpt_every=args.ckpt_every,
+                      eval_every=args.eval_every, log_every=args.log_every, seed=args.seed, workers=args.workers,
+                      device=args.device, flip=not args.no_flip, out=str(out), arch=args.arch)
     torch.manual_seed(args.seed)  # same initial weights on every rank and every run
     model = create_model(args.arch, **model_kwargs)
-    head = MarginHead(model.embedding_dim, dataset.num_classes, margin=args.margin, s=args.s, m=args.m)
+    head = make_head(args.head, model.embedding_dim, dataset.num_classes, margin=args.margin, s=args.s, m=args.m,
+                     sample_rate=args.sample_rate)
     objective = MarginObjective(head)
     try:
         metrics = Trainer(model, objective, dataset, cfg, val_sets=val_sets).fit(resume=args.resume)
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     settings = {"arch": args.arch, "model_kwargs": model_kwargs, "margin": args.margin, "s": head.s, "m": head.m,
+                "head": args.head, "sample_rate": args.sample_rate,
                 "train": metrics["config"]}
     model_path = out / "model.safetensors"
     write_manifest(out, "teacher", settings, inputs={"dataset": dataset.fingerprint},
@@ -115,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = ", ".join(f"{k}: accuracy {v['accuracy']:.4f}" for k, v in metrics["val"].items()) or "no validation"
     print(f"teacher {args.arch} trained {cfg.steps} steps on {dataset.name} -> {model_path} ({summary})")
     return 0
+
+
+def check_head(head: str, sample_rate: float) -> None:
+    """--head/--sample-rate, checked before any data or model is loaded."""
+    if not 0.0 < sample_rate <= 1.0:
+        raise FacekdError(f"--sample-rate must be in (0, 1], got {sample_rate}")
+    if head == "dense" and sample_rate != 1.0:
+        raise FacekdError(f"--sample-rate {sample_rate} needs --head partial_fc (the dense head uses every class)")
 
 
 def _append_results(args: argparse.Namespace, out: Path, model, model_path: Path, metrics: dict) -> None:

@@ -86,7 +86,7 @@ def test_default_data_trains_teacher_after_printing_estimate(tmp_path, monkeypat
 
     monkeypatch.chdir(tmp_path)
     calls = []
-    monkeypatch.setattr(run, "estimate_teacher_training", lambda arch, preset, device: 754.0)
+    monkeypatch.setattr(run, "estimate_teacher_training", lambda arch, preset, device, **kw: 754.0)
     monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or 0)
     ds = type("DS", (), {"name": "synthfaces:tiny", "fingerprint": "fp", "__len__": lambda self: 64})()
     monkeypatch.setattr("teachers.cache.dataset_key",

