@@ -1,0 +1,159 @@
+"""`python -m results.study`: seeds, statistics against hand computations, the results columns, and one end-to-end
+study on synthfaces:tiny that is stopped, killed mid-run and resumed (slow)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from facekd import table
+from facekd.io import FacekdError
+from results import report, study
+
+
+def test_seeds_plain_and_per_variant():
+    variants = ["none", "logit", "feature"]
+    assert study.parse_seeds("0,1,2", variants) == {v: [0, 1, 2] for v in variants}
+    assert study.parse_seeds("none:3,logit:1", variants) == {"none": [0, 1, 2], "logit": [0], "feature": [0]}
+    assert study.parse_seeds("5,none:2", variants) == {"none": [0, 1], "logit": [5], "feature": [5]}
+    with pytest.raises(FacekdError, match="not one of --variants"):
+        study.parse_seeds("adadistill:2", variants)
+    with pytest.raises(FacekdError, match="neither a seed nor VARIANT:COUNT"):
+        study.parse_seeds("x", variants)
+    with pytest.raises(FacekdError, match="count >= 1"):
+        study.parse_seeds("none:0", variants)
+
+
+def _fake_study(tmp_path: Path, runs: dict) -> dict:
+    """A study record plus metrics.json per run: {(variant, seed): (accuracy, fold std, pair_correct)}."""
+    record = {"format": study.STUDY_FORMAT, "settings": {"val": ["set"]}, "runs": {}}
+    for (variant, seed), (acc, std, correct) in runs.items():
+        run_dir = Path(variant) / f"seed{seed}"
+        (tmp_path / run_dir).mkdir(parents=True)
+        (tmp_path / run_dir / "metrics.json").write_text(json.dumps({"val": {"set": {"pair_correct": correct}}}))
+        record["runs"][study.run_key(variant, seed)] = {
+            "variant": variant, "seed": seed, "run_dir": str(run_dir), "wall_s": 10.0 + seed, "images_seen": 640,
+            "batch_size": 64, "val": {"set": {"accuracy": acc, "std": std, "nfolds": 10, "tar_at_far_1e3": None}}}
+    return record
+
+
+def test_summary_statistics_match_hand_computation(tmp_path):
+    # 10 pairs; per seed, logit fixes pairs none gets wrong (b) and breaks others (c)
+    runs = {("none", 0): (0.70, 0.05, "1111111000"), ("none", 1): (0.60, 0.04, "1111110000"),
+            ("logit", 0): (0.80, 0.03, "1111111110"), ("logit", 1): (0.90, 0.02, "0111111111"),
+            ("feature", 0): (0.50, 0.10, "1111100000")}
+    stats = study.summarise(_fake_study(tmp_path, runs), tmp_path)
+    logit = stats[("logit", "set")]
+    assert logit["seeds"] == [0, 1] and logit["accuracy"] == pytest.approx(0.85)
+    # seed 0: b = 2 (pairs 7, 8), c = 0; seed 1: b = 4 (pairs 6..9), c = 1 (pair 0) -> b = 6, c = 1
+    assert logit["discordant"] == (6, 1)
+    assert logit["p_value"] == pytest.approx(2 * (1 + 7) / 2 ** 7)  # 2 P(X <= 1), X ~ Bin(7, 1/2)
+    s = math.sqrt(((0.80 - 0.85) ** 2 + (0.90 - 0.85) ** 2) / 1)
+    assert logit["std"] == pytest.approx(s)
+    assert logit["ci_high"] - 0.85 == pytest.approx(12.7062047362 * s / math.sqrt(2), abs=1e-9)  # t_{0.975, 1}
+    assert logit["delta"] == pytest.approx(0.20)
+    # differences 0.10, 0.30: t = 0.2 / (sqrt(0.02) / sqrt 2) = 2, df 1: p = 1 - 2 atan(2) / pi
+    assert logit["seed_t_p"] == pytest.approx(1 - 2 * math.atan(2) / math.pi)
+    feature = stats[("feature", "set")]  # one seed: t over the 10 folds, population std -> s / sqrt(n) = std / 3
+    assert feature["ci_high"] - 0.50 == pytest.approx(2.26215716280 * 0.10 / 3, abs=1e-9)
+    assert feature["discordant"] == (0, 2) and "seed_t_p" not in feature
+    assert "p_value" not in stats[("none", "set")]
+    rows = study.aggregate_rows(stats, {}, "S", "mobilefacenet", tmp_path / "study.json", "cmd")
+    by_run = {r["run"]: r for r in rows}
+    assert by_run["S/logit"]["n_seeds"] == 2 and by_run["S/logit"]["wall_s"] == 10.5
+    assert by_run["S/logit"]["p_value"] == pytest.approx(0.125) and by_run["S/none"]["p_value"] is None
+
+
+def test_old_tables_stay_valid_and_pandas_reads_new_columns_plainly(tmp_path):
+    old_columns = [c for c in table.COLUMNS if c not in table.ADDED_COLUMNS]
+    old = tmp_path / "old.csv"
+    old.write_text(",".join(old_columns) + "\n" + ",".join(
+        {"stage": "student", "model": "m", "run": "r", "dataset": "d", "accuracy": "0.9"}.get(c, "")
+        for c in old_columns) + "\n")
+    frame = table.read_table(old)
+    assert frame.loc[0, "accuracy"] == pytest.approx(0.9) and pd.isna(frame.loc[0, "p_value"])
+    table.upsert_rows([table.model_row("study", "m", "S/logit", dataset="d", accuracy=0.8, n_seeds=3, ci_low=0.7,
+                                       ci_high=0.9, p_value=1.5e-7, images_seen=12800, wall_s=301.5)], old)
+    plain = pd.read_csv(old)  # no converters, no special cases
+    assert list(plain.columns) == list(table.COLUMNS)
+    for column in table.ADDED_COLUMNS:
+        assert pd.api.types.is_numeric_dtype(plain[column]), column
+    row = plain[plain["run"] == "S/logit"].iloc[0]
+    assert row["p_value"] == pytest.approx(1.5e-7) and row["images_seen"] == 12800 and np.isnan(row["seed"])
+    (tmp_path / "bad.csv").write_text(old.read_text().replace(",p_value,", ",pvalue,", 1))
+    with pytest.raises(FacekdError, match="unexpected \\['pvalue'\\]"):
+        table.read_table(tmp_path / "bad.csv")
+
+
+def test_changed_settings_are_refused(tmp_path, capsys):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "study.json").write_text(json.dumps({"format": study.STUDY_FORMAT, "runs": {}, "settings": {
+        "student": "mobilefacenet", "teacher": "sface", "teacher_weights_sha256": None, "data": "synthfaces:tiny",
+        "val": ["synthfaces:tiny"], "preset": "smoke", "steps": 8, "batch_size": None, "eval_every_images": 0,
+        "curve_val": None, "distill_options": []}}))
+    with pytest.raises(SystemExit) as exc:
+        study.main(["--out", str(tmp_path / "s"), "--data", "synthfaces:tiny", "--preset", "smoke", "--steps", "4"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "steps: recorded 8 vs now 4" in err and "use another --out" in err
+
+
+@pytest.mark.slow
+def test_study_end_to_end_stops_resumes_and_reports(tmp_path, monkeypatch):
+    from engine.trainer import Trainer
+    from facekd.models import create_model, save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    save_checkpoint(create_model("mobilefacenet", embedding_dim=256), tmp_path / "teacher.safetensors")
+    results = tmp_path / "results" / "summary.csv"
+    argv = ["--out", "runs/st", "--teacher", "mobilefacenet", "--teacher-weights", "teacher.safetensors",
+            "--data", "synthfaces:tiny", "--preset", "smoke", "--steps", "2", "--variants", "none,logit",
+            "--seeds", "0,1", "--eval-every-images", "16", "--workers", "0", "--results", str(results)]
+    assert study.main(argv + ["--max-runs", "1"]) == 0
+    record = json.loads(Path("runs/st/study.json").read_text())
+    assert list(record["runs"]) == ["none/seed0"]
+    first_log = Path("runs/st/none/seed0/log.jsonl").read_text()
+
+    original = Trainer._save_checkpoint
+    def killed_after_checkpoint(self, done):  # the process dies after the last checkpoint, before metrics.json
+        original(self, done)
+        if done == self.cfg.steps:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "_save_checkpoint", killed_after_checkpoint)
+    with pytest.raises(SystemExit) as exc:
+        study.main(argv)
+    assert exc.value.code == 130
+    assert Path("runs/st/none/seed1/checkpoint.pt").is_file() and not Path("runs/st/none/seed1/metrics.json").exists()
+    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+
+    assert study.main(argv) == 0
+    record = json.loads(Path("runs/st/study.json").read_text())
+    assert sorted(record["runs"]) == ["logit/seed0", "logit/seed1", "none/seed0", "none/seed1"]
+    assert Path("runs/st/none/seed0/log.jsonl").read_text() == first_log  # not redone
+    events = [json.loads(line).get("event") for line in Path("runs/st/none/seed1/log.jsonl").read_text().splitlines()]
+    assert events.count("resume") == 1  # the killed run continued from its checkpoint
+    frame = table.read_table(results)
+    runs = frame[(frame["stage"] == "study") & frame["seed"].notna()]
+    assert sorted(runs["run"]) == ["st/logit/seed0", "st/logit/seed1", "st/none/seed0", "st/none/seed1"]
+    assert (runs["images_seen"] == 32).all() and (runs["wall_s"] > 0).all()
+    agg = frame[(frame["stage"] == "study") & frame["n_seeds"].notna()].set_index("run")
+    assert list(agg.loc[["st/none", "st/logit"], "n_seeds"]) == [2, 2]
+    logit_runs = runs[runs["kd"] == "logit"]["accuracy"]
+    assert agg.loc["st/logit", "accuracy"] == pytest.approx(logit_runs.mean())
+    assert agg.loc["st/logit", "ci_low"] <= agg.loc["st/logit", "accuracy"] <= agg.loc["st/logit", "ci_high"]
+    assert 0 < agg.loc["st/logit", "p_value"] <= 1 and pd.isna(agg.loc["st/none", "p_value"])
+    curves = json.loads((tmp_path / "results" / "curves" / "st.json").read_text())
+    assert {(r["variant"], r["seed"]) for r in curves["runs"]} == {("none", 0), ("none", 1), ("logit", 0), ("logit", 1)}
+    assert all({p["images"] for p in r["points"]} == {16, 32} for r in curves["runs"])
+
+    built = report.build_report(results, tmp_path / "results")
+    assert tmp_path / "results" / "plots" / "learning_curves.png" in built["plots"]
+    markdown = (tmp_path / "results" / "summary.md").read_text()
+    assert "![learning_curves](plots/learning_curves.png)" in markdown
+    assert "| logit | 2 |" in markdown and "Differences not marked significant are not claimed." in markdown
