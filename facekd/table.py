@@ -25,7 +25,7 @@ KEY = ("stage", "model", "run", "dataset")
 
 # name -> (type, description). Types: str, int, float. Empty cells are missing values (NaN in pandas).
 COLUMNS: dict[str, tuple[type, str]] = {
-    "stage": (str, "teacher | student | pruned | int8 | literature"),
+    "stage": (str, "teacher | student | pruned | int8 | literature | study"),
     "model": (str, "architecture name from the registry (e.g. r100, mobilefacenet) or the paper's model name"),
     "run": (str, "run name (runs/NAME), or the literature source's short name"),
     "kd": (str, "distillation losses used to train this model (e.g. feature+logit; none; empty when n/a)"),

@@ -297,8 +297,9 @@ def _load_curves(folder: Path) -> list[dict[str, Any]]:
 
 
 def plot_learning_curves(curves_dir: Path, path: Path) -> Path | None:
-    """Accuracy vs images seen for no KD and the best KD variant of each study (results/curves/*.json, written by
-    results.study), the teacher's accuracy as a horizontal line; one panel per study."""
+    """Accuracy vs images seen for no KD and the best KD variant (by final accuracy, among the runs evaluated during
+    training) of each study (results/curves/*.json, written by results.study), the teacher's accuracy as a
+    horizontal line; one panel per study."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -308,15 +309,16 @@ def plot_learning_curves(curves_dir: Path, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(studies), figsize=(6.5 * len(studies), 4.8), squeeze=False)
     for ax, study in zip(axes[0], studies):
         final_set = (study.get("final_sets") or [None])[0]
+        with_curve = [r for r in study["runs"] if len({p["images"] for p in r["points"]}) > 1]
         finals: dict[str, list[float]] = {}
-        for run in study["runs"]:
+        for run in with_curve:
             last = max(p["images"] for p in run["points"])
             finals.setdefault(run["variant"], []).extend(
                 p["accuracy"] for p in run["points"] if p["images"] == last and p["set"] == final_set)
         kd = {v: float(np.mean(a)) for v, a in finals.items() if a and v != "none"}
         shown = (["none"] if "none" in finals else []) + ([max(kd, key=kd.get)] if kd else [])
         for colour, variant in zip(("tab:gray", "tab:blue"), shown):
-            runs = [r for r in study["runs"] if r["variant"] == variant]
+            runs = [r for r in with_curve if r["variant"] == variant]
             curve_sets = {p["set"] for r in runs for p in r["points"] if p["set"] != final_set}
             curve_set = sorted(curve_sets)[0] if curve_sets else final_set
             by_images: dict[int, list[float]] = {}

@@ -10,7 +10,8 @@ variant: the same student initialisation, data order and flips, so variants diff
 Resumable: each finished run is recorded in `runs/NAME/study.json` (with the settings, which a rerun must repeat:
 another budget or teacher needs another --out); a rerun trains only what is missing, and a half-finished run
 continues from its checkpoint (distill.run --resume). The same command with more variants or seeds extends the
-study. `--max-runs N` stops after N runs; `--plan` prints what is done and what is left.
+study; the learning-curve options may differ between invocations (they do not change the trained weights).
+`--max-runs N` stops after N runs; `--plan` prints what is done and what is left.
 
 Results (facekd.table, stage `study`): one row per run (run `NAME/VARIANT/seedS`, with `seed`, `images_seen`,
 `wall_s`) and one aggregate row per variant and verification set (run `NAME/VARIANT`): accuracy = the mean over
@@ -244,8 +245,7 @@ def _settings(args: argparse.Namespace, passthrough: list[str]) -> dict[str, Any
     return {"student": args.student, "teacher": args.teacher,
             "teacher_weights_sha256": sha256_file(args.teacher_weights) if args.teacher_weights else None,
             "data": args.data, "val": args.val, "preset": args.preset, "steps": args.steps,
-            "batch_size": args.batch_size, "eval_every_images": args.eval_every_images,
-            "curve_val": args.curve_val, "distill_options": passthrough}
+            "batch_size": args.batch_size, "distill_options": passthrough}
 
 
 def _distill_args(args: argparse.Namespace, passthrough: list[str], seed: int) -> argparse.Namespace:
@@ -388,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "hardware")} if rows else {}
             record["runs"][run_key(variant, seed)] = {
                 "variant": variant, "seed": seed, "run_dir": str(run_dir.relative_to(out)), "wall_s": wall,
-                "images_seen": images, "batch_size": int(run_cfg["batch_size"]), "images_per_s": metrics.get("images_per_s"), "cells": cells,
+                "images_seen": images, "batch_size": int(run_cfg["batch_size"]),
+                "eval_every_images": args.eval_every_images, "images_per_s": metrics.get("images_per_s"), "cells": cells,
                 "val": {n: {"accuracy": m["accuracy"], "std": m["std"], "nfolds": m.get("nfolds"),
                             "tar_at_far_1e3": (m.get("tar_at_far") or {}).get("1e-3")}
                         for n, m in (metrics.get("val") or {}).items()},

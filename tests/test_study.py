@@ -94,8 +94,7 @@ def test_changed_settings_are_refused(tmp_path, capsys):
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "study.json").write_text(json.dumps({"format": study.STUDY_FORMAT, "runs": {}, "settings": {
         "student": "mobilefacenet", "teacher": "sface", "teacher_weights_sha256": None, "data": "synthfaces:tiny",
-        "val": ["synthfaces:tiny"], "preset": "smoke", "steps": 8, "batch_size": None, "eval_every_images": 0,
-        "curve_val": None, "distill_options": []}}))
+        "val": ["synthfaces:tiny"], "preset": "smoke", "steps": 8, "batch_size": None, "distill_options": []}}))
     with pytest.raises(SystemExit) as exc:
         study.main(["--out", str(tmp_path / "s"), "--data", "synthfaces:tiny", "--preset", "smoke", "--steps", "4"])
     assert exc.value.code == 2
