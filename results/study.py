@@ -11,7 +11,9 @@ Resumable: each finished run is recorded in `runs/NAME/study.json` (with the set
 another budget or teacher needs another --out); a rerun trains only what is missing, and a half-finished run
 continues from its checkpoint (distill.run --resume). The same command with more variants or seeds extends the
 study; the learning-curve options may differ between invocations (they do not change the trained weights).
-`--max-runs N` stops after N runs; `--plan` prints what is done and what is left.
+`--max-runs N` stops after N runs; `--plan` prints what is done and what is left. `--adopt DIR ...` records
+students that `python -m distill.run --kd V --seed S` trained with the same settings (checked against their
+manifest) as runs of the study, so CPU time already spent is not spent again.
 
 Results (facekd.table, stage `study`): one row per run (run `NAME/VARIANT/seedS`, with `seed`, `images_seen`,
 `wall_s`) and one aggregate row per variant and verification set (run `NAME/VARIANT`): accuracy = the mean over
@@ -68,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-results", action="store_true", help="do not touch the results table")
     p.add_argument("--max-runs", type=int, help="stop after training this many runs (rerun to continue)")
     p.add_argument("--plan", action="store_true", help="print the finished and remaining runs, train nothing")
+    p.add_argument("--adopt", nargs="+", metavar="DIR", help="record finished distill.run students (DIR or "
+                   "DIR/student) trained with exactly this study's settings as its runs, instead of training them "
+                   "again (re-evaluated when their metrics.json lacks the per-pair decisions)")
     p.add_argument("--workers", type=int, help="DataLoader workers")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     return p
@@ -239,6 +244,29 @@ def aggregate_rows(stats: dict, record: dict[str, Any], name: str, student: str,
 
 # ----------------------------------------------------------------------------------------------- the study
 
+def distill_rows(student: str, run: str, variant: str, model: Any, metrics: dict[str, Any], artifact: Path,
+                 command: str, seed: int, images: int, wall: float | None) -> list[dict[str, Any]]:
+    """distill.run's result rows of one run, as study rows."""
+    from distill import run as distill_run
+
+    rows = distill_run.result_rows(student=student, run=run, kd=variant, model=model, metrics=metrics,
+                                   artifact=artifact, command=command)
+    for row in rows:
+        row.update(stage="study", seed=seed, images_seen=images, wall_s=wall)
+    return rows
+
+
+def _run_record(variant: str, seed: int, run_dir: Path, wall: float | None, images: int, train: dict[str, Any],
+                metrics: dict[str, Any], rows: list[dict[str, Any]], val: dict[str, Any], **extra: Any) -> dict:
+    cells = {k: rows[0].get(k) for k in ("params", "macs", "file_bytes", "file_mb", "embedding_dim", "hardware")} \
+        if rows else {}
+    return {"variant": variant, "seed": seed, "run_dir": str(run_dir), "wall_s": wall, "images_seen": images,
+            "batch_size": int(train["batch_size"]), "images_per_s": metrics.get("images_per_s"), "cells": cells,
+            "val": {n: {"accuracy": m["accuracy"], "std": m["std"], "nfolds": m.get("nfolds"),
+                        "tar_at_far_1e3": (m.get("tar_at_far") or {}).get("1e-3")} for n, m in val.items()},
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
+
+
 def _settings(args: argparse.Namespace, passthrough: list[str]) -> dict[str, Any]:
     from facekd.io import sha256_file
 
@@ -329,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         detail = "; ".join(f"{k}: recorded {record['settings'].get(k)!r} vs now {settings.get(k)!r}" for k in diff)
         raise FacekdError(f"{record_path} was made with other settings ({detail}); use another --out")
     plan = [(v, s) for v in variants for s in seeds[v]]
+    if args.adopt:
+        adopt_runs(args, base_args, record, out, preset, table.DEFAULT_PATH if args.results is None else
+                   Path(args.results), command=" ".join(["python -m results.study", *(argv or sys.argv[1:])]))
+        atomic_write_json(record_path, record)
     if args.plan:
         _print_plan(plan, record)
         return 0
@@ -377,23 +409,13 @@ def main(argv: list[str] | None = None) -> int:
             metrics = result["metrics"]
             run_cfg = metrics["config"]
             images = int(run_cfg["steps"]) * int(run_cfg["batch_size"])
-            rows = distill_run.result_rows(student=args.student, run=f"{name}/{run_key(variant, seed)}", kd=variant,
-                                           model=result["student"], metrics=metrics,
-                                           artifact=run_dir / "model.onnx", command=command)
-            for row in rows:
-                row.update(stage="study", seed=seed, images_seen=images, wall_s=wall)
+            rows = distill_rows(args.student, f"{name}/{run_key(variant, seed)}", variant, result["student"], metrics,
+                                run_dir / "model.onnx", command, seed, images, wall)
             if results_path is not None and rows:
                 table.upsert_rows(rows, results_path)
-            cells = {k: rows[0].get(k) for k in ("params", "macs", "file_bytes", "file_mb", "embedding_dim",
-                                                  "hardware")} if rows else {}
-            record["runs"][run_key(variant, seed)] = {
-                "variant": variant, "seed": seed, "run_dir": str(run_dir.relative_to(out)), "wall_s": wall,
-                "images_seen": images, "batch_size": int(run_cfg["batch_size"]),
-                "eval_every_images": args.eval_every_images, "images_per_s": metrics.get("images_per_s"), "cells": cells,
-                "val": {n: {"accuracy": m["accuracy"], "std": m["std"], "nfolds": m.get("nfolds"),
-                            "tar_at_far_1e3": (m.get("tar_at_far") or {}).get("1e-3")}
-                        for n, m in (metrics.get("val") or {}).items()},
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            record["runs"][run_key(variant, seed)] = _run_record(
+                variant, seed, run_dir.relative_to(out), wall, images, run_cfg, metrics, rows, metrics.get("val") or {},
+                eval_every_images=args.eval_every_images)
             cache = (teacher_info or {}).get("cache")
             if cache is not None and "teacher" not in record:
                 record["teacher"] = {"name": args.teacher, "how": teacher_info["how"],
@@ -422,6 +444,74 @@ def main(argv: list[str] | None = None) -> int:
     if curves:
         print(f"learning curves: {', '.join(str(c) for c in curves)}")
     return 0
+
+
+def adopt_runs(args: argparse.Namespace, base_args: argparse.Namespace, record: dict[str, Any], out: Path,
+               preset: str, results: Path, command: str) -> None:
+    """Record finished distill.run students as study runs after checking that they match the study's settings."""
+    import dataclasses
+
+    import facedata
+    from distill.objective import DEFAULT_WEIGHTS
+    from engine.presets import make_config
+    from engine.trainer import RESUMABLE_FIELDS
+    from evaluate.embed import OnnxEmbedder
+    from evaluate.verify import evaluate_sets
+    from facekd import table
+    from facekd.io import read_manifest
+    from facekd.models import load_checkpoint
+
+    dataset = facedata.open_train_set(args.data)
+    val_sets = None
+    for given in args.adopt:
+        d = Path(given) / "student" if (Path(given) / "student" / "manifest.json").is_file() else Path(given)
+        manifest = read_manifest(d) or {}
+        if manifest.get("kind") != "student" or not (d / "metrics.json").is_file() or not (d / "model.onnx").is_file():
+            raise FacekdError(f"--adopt {given}: not a finished distill.run student (manifest.json, metrics.json, "
+                              "model.onnx)")
+        st, metrics = manifest["settings"], json.loads((d / "metrics.json").read_text())
+        train = st["train"]
+        variant, seed = st["kd"], int(train["seed"])
+        want_train = dataclasses.asdict(make_config(preset, steps=args.steps, batch_size=args.batch_size,
+                                                    lr=base_args.lr, seed=seed, arch=args.student))
+        fixed = [k for k in want_train if k not in RESUMABLE_FIELDS or k == "steps"]
+        want = {"student": args.student, "teacher": args.teacher, "online_teacher": base_args.online_teacher,
+                "margin": base_args.margin, "s": base_args.s, "m": base_args.m, "temperature": base_args.temperature,
+                "logit_scale": base_args.logit_scale, "feature_metric": base_args.feature_metric,
+                "adadistill_m": base_args.adadistill_m,
+                "weights": {n: getattr(base_args, f"w_{n}") for n in DEFAULT_WEIGHTS}}
+        diff = [f"{k}: {st.get(k)!r} vs {v!r}" for k, v in want.items() if st.get(k) != v]
+        diff += [f"train.{k}: {train.get(k)!r} vs {want_train[k]!r}" for k in fixed if train.get(k) != want_train[k]]
+        if manifest.get("inputs", {}).get("dataset") != dataset.fingerprint:
+            diff.append(f"dataset: not {args.data}")
+        if diff:
+            raise FacekdError(f"--adopt {given}: trained with other settings than this study ({'; '.join(diff)})")
+        key = run_key(variant, seed)
+        if key in record["runs"]:
+            print(f"adopt: {key} is already in the study; {given} not adopted")
+            continue
+        val = metrics.get("val") or {}
+        if not all(val.get(n, {}).get("pair_correct") for n in args.val):
+            if val_sets is None:
+                val_sets = [facedata.open_verification_set(v) for v in args.val]
+            print(f"adopt: re-evaluating {d / 'model.onnx'} for its per-pair decisions", flush=True)
+            val = evaluate_sets(OnnxEmbedder(str(d / "model.onnx")), val_sets, progress=True)
+        val = {n: {k: v for k, v in val[n].items() if k != "roc"} for n in args.val}
+        run_dir = out / variant / f"seed{seed}"
+        if (run_dir / "checkpoint.pt").exists():
+            raise FacekdError(f"--adopt {given}: {run_dir} already holds a half-trained {key}; finish or remove it")
+        atomic_write_json(run_dir / "metrics.json", {"val": val, "adopted_from": str(d), "config": train})
+        images = int(train["steps"]) * int(train["batch_size"])
+        wall = round(_segments_s(d / "log.jsonl"), 1) or None
+        model = load_checkpoint(d / "model.safetensors")
+        rows = distill_rows(args.student, f"{out.name}/{key}", variant, model, {"val": val,
+                            "hardware": metrics.get("hardware")}, d / "model.onnx", command, seed, images, wall)
+        if not args.no_results and rows:
+            table.upsert_rows(rows, results)
+        record["runs"][key] = _run_record(variant, seed, run_dir.relative_to(out), wall, images, train, metrics,
+                                          rows, val, adopted_from=str(d))
+        accs = ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in val.items())
+        print(f"adopt: {key} <- {d} (accuracy {accs})")
 
 
 def write_curves(record: dict[str, Any], out: Path, name: str, results_path: Path | None) -> list[Path]:

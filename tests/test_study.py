@@ -156,3 +156,34 @@ def test_study_end_to_end_stops_resumes_and_reports(tmp_path, monkeypatch):
     markdown = (tmp_path / "results" / "summary.md").read_text()
     assert "![learning_curves](plots/learning_curves.png)" in markdown
     assert "| logit | 2 |" in markdown and "Differences not marked significant are not claimed." in markdown
+
+
+@pytest.mark.slow
+def test_adopt_records_a_matching_distill_run_and_refuses_others(tmp_path, monkeypatch, capsys):
+    from distill import run as distill_run
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--data", "synthfaces:tiny", "--preset", "smoke", "--steps", "2", "--workers", "0"]
+    assert distill_run.main(["--teacher", "sface", "--kd", "none", "--seed", "1", "--out", "runs/solo",
+                             "--no-results", *common]) == 0
+    metrics_path = Path("runs/solo/student/metrics.json")
+    metrics = json.loads(metrics_path.read_text())
+    expected = dict(metrics["val"]["synthfaces:tiny"])
+    del metrics["val"]["synthfaces:tiny"]["pair_correct"]  # as written before per-pair decisions existed
+    metrics_path.write_text(json.dumps(metrics))
+    results = tmp_path / "summary.csv"
+    argv = ["--out", "runs/st", "--variants", "none", "--seeds", "1", "--results", str(results), *common]
+    with pytest.raises(SystemExit):
+        study.main([*argv[:-6], "--data", "synthfaces:tiny", "--preset", "smoke", "--steps", "3", "--workers", "0",
+                    "--adopt", "runs/solo", "--out", "runs/other"])
+    assert "train.steps: 2 vs 3" in capsys.readouterr().err
+    assert study.main([*argv, "--adopt", "runs/solo", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "adopt: none/seed1 <- runs/solo/student" in out and "remaining (0)" in out
+    stored = json.loads(Path("runs/st/none/seed1/metrics.json").read_text())["val"]["synthfaces:tiny"]
+    assert stored["pair_correct"] == expected["pair_correct"]  # re-evaluated from model.onnx: same decisions
+    assert stored["accuracy"] == pytest.approx(expected["accuracy"])
+    assert study.main(argv) == 0  # nothing left to train; the aggregate row is written
+    frame = table.read_table(results).set_index("run")
+    assert frame.loc["st/none/seed1", "seed"] == 1 and frame.loc["st/none/seed1", "images_seen"] == 32
+    assert frame.loc["st/none", "n_seeds"] == 1
