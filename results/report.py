@@ -249,6 +249,8 @@ def study_markdown(frame) -> str:
         base_runs = runs[(runs["run"].map(_study_name) == study) & (runs["dataset"] == dataset)]
         none = group[group["kd"] == "none"]
         base = float(none["accuracy"].iloc[0]) if len(none) else None
+        none_ci = (f"{100 * none['ci_low'].iloc[0]:.2f} – {100 * none['ci_high'].iloc[0]:.2f}"
+                   if len(none) and _text(none["ci_low"].iloc[0]) else "")
         images = group["images_seen"].dropna()
         budget = f", {int(images.iloc[0]):,} training images per run" if len(images) else ""
         lines += [f"### {study} on {dataset}{budget}", "",
@@ -276,7 +278,8 @@ def study_markdown(frame) -> str:
                                f"{word}, significant on these pairs at p < 0.05 (1 seed: seed variance untested)")
                 else:
                     verdict = "not significant at p < 0.05"
-                verdicts.append(f"{kd}: {verdict} ({delta} points, 95% CI {ci} %)")
+                verdicts.append(f"{kd}: {verdict} ({delta} points vs no KD; 95% CI of its accuracy {ci} %"
+                                + (f", of no KD's {none_ci} %)" if none_ci else ")"))
             lines.append(f"| {kd} | {int(row['n_seeds'])} | {acc} | {ci} | {delta} | "
                          f"{'' if pd.isna(p) else f'{p:.3g}'} | {'' if t_p is None else f'{t_p:.3g}'} | {verdict} |")
         lines += [""] + [f"- {v}" for v in verdicts]
@@ -296,6 +299,20 @@ def _load_curves(folder: Path) -> list[dict[str, Any]]:
     return studies
 
 
+def curve_variants(study: dict[str, Any]) -> tuple[list[dict], dict[str, list[float]], list[str]]:
+    """(runs evaluated during training, final full-set accuracies per variant, variants to draw: none and the KD
+    variant with the best mean final accuracy among them)."""
+    final_set = (study.get("final_sets") or [None])[0]
+    with_curve = [r for r in study["runs"] if len({p["images"] for p in r["points"]}) > 1]
+    finals: dict[str, list[float]] = {}
+    for run in with_curve:
+        last = max(p["images"] for p in run["points"])
+        finals.setdefault(run["variant"], []).extend(
+            p["accuracy"] for p in run["points"] if p["images"] == last and p["set"] == final_set)
+    kd = {v: sum(a) / len(a) for v, a in finals.items() if a and v != "none"}
+    return with_curve, finals, (["none"] if "none" in finals else []) + ([max(kd, key=kd.get)] if kd else [])
+
+
 def plot_learning_curves(curves_dir: Path, path: Path) -> Path | None:
     """Accuracy vs images seen for no KD and the best KD variant (by final accuracy, among the runs evaluated during
     training) of each study (results/curves/*.json, written by results.study), the teacher's accuracy as a
@@ -309,14 +326,7 @@ def plot_learning_curves(curves_dir: Path, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(studies), figsize=(6.5 * len(studies), 4.8), squeeze=False)
     for ax, study in zip(axes[0], studies):
         final_set = (study.get("final_sets") or [None])[0]
-        with_curve = [r for r in study["runs"] if len({p["images"] for p in r["points"]}) > 1]
-        finals: dict[str, list[float]] = {}
-        for run in with_curve:
-            last = max(p["images"] for p in run["points"])
-            finals.setdefault(run["variant"], []).extend(
-                p["accuracy"] for p in run["points"] if p["images"] == last and p["set"] == final_set)
-        kd = {v: float(np.mean(a)) for v, a in finals.items() if a and v != "none"}
-        shown = (["none"] if "none" in finals else []) + ([max(kd, key=kd.get)] if kd else [])
+        with_curve, finals, shown = curve_variants(study)
         for colour, variant in zip(("tab:gray", "tab:blue"), shown):
             runs = [r for r in with_curve if r["variant"] == variant]
             curve_sets = {p["set"] for r in runs for p in r["points"] if p["set"] != final_set}

@@ -187,3 +187,50 @@ def test_adopt_records_a_matching_distill_run_and_refuses_others(tmp_path, monke
     frame = table.read_table(results).set_index("run")
     assert frame.loc["st/none/seed1", "seed"] == 1 and frame.loc["st/none/seed1", "images_seen"] == 32
     assert frame.loc["st/none", "n_seeds"] == 1
+
+
+def _rows_for_report(p_logit: float, seeds_feature: int = 1):
+    rows = []
+    for kd, base in (("none", 0.80), ("logit", 0.84), ("feature", 0.81)):
+        for s in range(2 if kd != "feature" else seeds_feature):
+            rows.append(table.model_row("study", "mobilefacenet", f"S/{kd}/seed{s}", dataset="synthfaces", kd=kd,
+                                        accuracy=base + 0.01 * s * (kd == "logit"), seed=s, images_seen=12800))
+    rows += [table.model_row("study", "mobilefacenet", "S/none", dataset="synthfaces", kd="none", accuracy=0.80,
+                             std=0.0, n_seeds=2, ci_low=0.79, ci_high=0.81, images_seen=12800),
+             table.model_row("study", "mobilefacenet", "S/logit", dataset="synthfaces", kd="logit", accuracy=0.845,
+                             std=0.007, n_seeds=2, ci_low=0.80, ci_high=0.89, p_value=p_logit, images_seen=12800),
+             table.model_row("study", "mobilefacenet", "S/feature", dataset="synthfaces", kd="feature",
+                             accuracy=0.81, std=0.02, n_seeds=1, ci_low=0.78, ci_high=0.84, p_value=0.01,
+                             images_seen=12800)]
+    return rows
+
+
+def test_report_calls_significant_only_what_every_test_supports(tmp_path):
+    path = tmp_path / "s.csv"
+    table.upsert_rows(_rows_for_report(p_logit=1e-6), path)
+    text = report.study_markdown(table.read_table(path))
+    # logit: McNemar p 1e-6, but seed differences 0.04, 0.05 -> t = 9, df 1 -> p = 1 - 2 atan(9) / pi = 0.0704
+    t_p = 1 - 2 * math.atan(9.0) / math.pi
+    assert f"| logit | 2 | 84.50 ± 0.70 | 80.00 – 89.00 | +4.50 | 1e-06 | {t_p:.3g} | not significant at p < 0.05 |" \
+        in text
+    # feature: one seed, McNemar p 0.01: significant on these pairs only, and said so
+    assert "feature: better, significant on these pairs at p < 0.05 (1 seed: seed variance untested)" in text
+    assert "of no KD's 79.00 – 81.00 %" in text and "Differences not marked significant are not claimed." in text
+
+
+def test_learning_curve_shows_no_kd_and_the_best_kd_variant_with_a_curve(tmp_path):
+    def run(variant, seed, final, curve=True):
+        points = [{"images": 6400, "set": "synthfaces[:1200]", "accuracy": 0.7}] if curve else []
+        points += [{"images": 12800, "set": "synthfaces[:1200]", "accuracy": final},
+                   {"images": 12800, "set": "synthfaces", "accuracy": final}]
+        return {"variant": variant, "seed": seed, "points": points}
+
+    data = {"study": "S", "final_sets": ["synthfaces"], "teacher": {"name": "sface", "val": {"synthfaces": 0.83}},
+            "runs": [run("none", 0, 0.80), run("none", 1, 0.82), run("logit", 0, 0.84), run("feature", 0, 0.86, False),
+                     run("adadistill", 0, 0.79)]}
+    with_curve, finals, shown = report.curve_variants(data)
+    assert shown == ["none", "logit"]  # feature scored higher but was not evaluated during training
+    assert finals["none"] == [0.80, 0.82] and len(with_curve) == 4
+    (tmp_path / "curves").mkdir()
+    (tmp_path / "curves" / "S.json").write_text(json.dumps(data))
+    assert report.plot_learning_curves(tmp_path / "curves", tmp_path / "lc.png").stat().st_size > 10_000
