@@ -11,9 +11,10 @@ Resumable: each finished run is recorded in `runs/NAME/study.json` (with the set
 another budget or teacher needs another --out); a rerun trains only what is missing, and a half-finished run
 continues from its checkpoint (distill.run --resume). The same command with more variants or seeds extends the
 study; the learning-curve options may differ between invocations (they do not change the trained weights).
-`--max-runs N` stops after N runs; `--plan` prints what is done and what is left. `--adopt DIR ...` records
-students that `python -m distill.run --kd V --seed S` trained with the same settings (checked against their
-manifest) as runs of the study, so CPU time already spent is not spent again.
+`--max-runs N` stops after N runs; `--plan` prints what is done and what is left. A second study on the same
+directory is refused while one runs (a lock file). `--adopt DIR ...` records students that
+`python -m distill.run --kd V --seed S` trained with the same settings (checked against their manifest) as runs of
+the study, so CPU time already spent is not spent again.
 
 Results (facekd.table, stage `study`): one row per run (run `NAME/VARIANT/seedS`, with `seed`, `images_seen`,
 `wall_s`) and one aggregate row per variant and verification set (run `NAME/VARIANT`): accuracy = the mean over
@@ -316,7 +317,6 @@ def _format_stats(stats: dict) -> str:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     from distill.objective import kd_label, parse_kd
-    from facekd import table
 
     args, passthrough = build_parser().parse_known_args(argv)
     variants = list(dict.fromkeys(kd_label(parse_kd(v)) for v in args.variants.split(",") if v.strip()))
@@ -344,6 +344,26 @@ def main(argv: list[str] | None = None) -> int:
         raise FacekdError(f"--eval-every-images {args.eval_every_images} is less than one batch ({cfg.batch_size})")
 
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(out / ".study.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise FacekdError(f"another results.study is running on {out} (lock {out / '.study.lock'})") from None
+    try:
+        command = " ".join(["python -m results.study", *(argv if argv is not None else sys.argv[1:])])
+        return _study(args, passthrough, variants, seeds, preset, cfg, eval_every, base_args, out, command)
+    finally:
+        lock.release()
+
+
+def _study(args: argparse.Namespace, passthrough: list[str], variants: list[str], seeds: dict[str, list[int]],
+           preset: str, cfg: Any, eval_every: int, base_args: argparse.Namespace, out: Path, command: str) -> int:
+    from distill.objective import parse_kd
+    from facekd import table
+
     name = out.name
     record_path = out / "study.json"
     settings = _settings(args, passthrough)
@@ -359,13 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(v, s) for v in variants for s in seeds[v]]
     if args.adopt:
         adopt_runs(args, base_args, record, out, preset, table.DEFAULT_PATH if args.results is None else
-                   Path(args.results), command=" ".join(["python -m results.study", *(argv or sys.argv[1:])]))
+                   Path(args.results), command=command)
         atomic_write_json(record_path, record)
     if args.plan:
         _print_plan(plan, record)
         return 0
     todo = [(v, s) for v, s in plan if run_key(v, s) not in record["runs"]]
-    command = " ".join(["python -m results.study", *(argv if argv is not None else sys.argv[1:])])
     results_path = None if args.no_results else Path(args.results or table.DEFAULT_PATH)
 
     teacher_info: dict[str, Any] | None = None

@@ -234,3 +234,15 @@ def test_learning_curve_shows_no_kd_and_the_best_kd_variant_with_a_curve(tmp_pat
     (tmp_path / "curves").mkdir()
     (tmp_path / "curves" / "S.json").write_text(json.dumps(data))
     assert report.plot_learning_curves(tmp_path / "curves", tmp_path / "lc.png").stat().st_size > 10_000
+
+
+def test_a_second_study_on_the_same_directory_is_refused(tmp_path, capsys):
+    from filelock import FileLock
+
+    (tmp_path / "s").mkdir()
+    with FileLock(str(tmp_path / "s" / ".study.lock")):
+        with pytest.raises(SystemExit) as exc:
+            study.main(["--out", str(tmp_path / "s"), "--data", "synthfaces:tiny", "--plan"])
+    assert exc.value.code == 2
+    assert f"error: another results.study is running on {tmp_path / 's'}" in capsys.readouterr().err
+    assert study.main(["--out", str(tmp_path / "s"), "--data", "synthfaces:tiny", "--plan"]) == 0  # released
