@@ -42,6 +42,8 @@ from typing import Any
 from facekd.io import FacekdError, atomic_write_json, cli_main
 
 STUDY_FORMAT = "facekd-study/1"
+# distill.run options the study sets per run; passing them on would make the record lie
+STUDY_OWNED = ("--seed", "--kd", "--ablation", "--out", "--resume", "--eval-every", "--val", "--no-results")
 DEFAULT_VARIANTS = "none,logit,feature,feature+logit,adadistill"
 
 
@@ -300,6 +302,10 @@ def _print_plan(plan: list[tuple[str, int]], record: dict[str, Any]) -> None:
     if extra:
         print(f"finished, not in this plan ({len(extra)}): {', '.join(extra)}")
     print(f"remaining ({len(left)}): {', '.join(left) or '-'}")
+    walls = [r["wall_s"] for r in record["runs"].values() if r.get("wall_s")]
+    if left and walls:
+        print(f"computed: ~{len(left) * sum(walls) / len(walls) / 60:.0f} min for the remaining runs at the mean "
+              f"wall time of the {len(walls)} finished one(s) ({sum(walls) / len(walls) / 60:.1f} min each)")
 
 
 def _format_stats(stats: dict) -> str:
@@ -319,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     from distill.objective import kd_label, parse_kd
 
     args, passthrough = build_parser().parse_known_args(argv)
+    owned = sorted({t.split("=")[0] for t in passthrough} & set(STUDY_OWNED))
+    if owned:
+        raise FacekdError(f"{', '.join(owned)}: set by results.study itself (use --variants, --seeds, --out, "
+                          "--eval-every-images)")
     variants = list(dict.fromkeys(kd_label(parse_kd(v)) for v in args.variants.split(",") if v.strip()))
     if not variants:
         raise FacekdError("--variants is empty")

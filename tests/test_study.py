@@ -246,3 +246,11 @@ def test_a_second_study_on_the_same_directory_is_refused(tmp_path, capsys):
     assert exc.value.code == 2
     assert f"error: another results.study is running on {tmp_path / 's'}" in capsys.readouterr().err
     assert study.main(["--out", str(tmp_path / "s"), "--data", "synthfaces:tiny", "--plan"]) == 0  # released
+
+
+def test_options_the_study_sets_itself_are_not_passed_on(capsys):
+    with pytest.raises(SystemExit) as exc:
+        study.main(["--out", "runs/x", "--data", "synthfaces:tiny", "--kd", "logit", "--w-logit", "2"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: --kd: set by results.study itself (use --variants, --seeds, "
+                                               "--out, --eval-every-images)")
