@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-every", type=int, help="evaluate every N steps too (0: only at the end)")
     t.add_argument("--workers", type=int)
     t.add_argument("--device", choices=("auto", "cpu", "cuda"))
     t.add_argument("--cache-batch-size", type=int, default=128, help="batch size of the teacher cache pass")
@@ -241,7 +242,8 @@ def result_rows(*, student: str, run: str, kd: str, model: Any, metrics: dict[st
 # ----------------------------------------------------------------------------------------------- one student
 
 def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any, val_sets: list, out: Path,
-                  run_dir: Path, preset: str, teacher_info: dict[str, Any], device: str) -> dict[str, Any]:
+                  run_dir: Path, preset: str, teacher_info: dict[str, Any], device: str,
+                  curve_sets: list | tuple = ()) -> dict[str, Any]:
     import torch
 
     from distill.objective import CachedTeacher, DistillObjective, OnlineTeacher
@@ -250,7 +252,8 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
     from facekd.models import create_model, export_onnx, load_checkpoint
 
     cfg = make_config(preset, num_images=len(dataset), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, workers=args.workers, device=args.device, out=str(run_dir), arch=args.student)
+                      seed=args.seed, workers=args.workers, device=args.device, out=str(run_dir), arch=args.student,
+                      eval_every=args.eval_every)
     torch.manual_seed(args.seed)
     student = create_model(args.student)
     teacher, cache, teacher_dim = None, teacher_info.get("cache"), None
@@ -296,7 +299,7 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
                                  m=args.m, weights=weights, temperature=args.temperature,
                                  logit_scale=args.logit_scale, feature_metric=args.feature_metric,
                                  adadistill_m=args.adadistill_m, head=args.head, sample_rate=args.sample_rate)
-    metrics = Trainer(student, objective, dataset, cfg, val_sets=val_sets).fit(resume=args.resume)
+    metrics = Trainer(student, objective, dataset, cfg, val_sets=val_sets, curve_sets=curve_sets).fit(resume=args.resume)
     if _rank() != 0:
         return {"metrics": metrics, "student": student}
     # the deployable artifact, whose size the results table reports, is the ONNX file

@@ -180,9 +180,11 @@ def hardware_label(device: torch.device, world: int = 1) -> str:
 
 class Trainer:
     def __init__(self, model: nn.Module, objective: nn.Module, dataset: Any, cfg: TrainConfig,
-                 val_sets: Sequence[Any] = ()) -> None:
+                 val_sets: Sequence[Any] = (), curve_sets: Sequence[Any] = ()) -> None:
         self.cfg = cfg.validate()
-        self.dataset, self.val_sets = dataset, list(val_sets)
+        # curve_sets (cheaper sets for a learning curve): evaluated every eval_every steps and at the end (logged
+        # only); without them the intermediate evaluations use val_sets
+        self.dataset, self.val_sets, self.curve_sets = dataset, list(val_sets), list(curve_sets)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_main = self.rank == 0
@@ -303,7 +305,7 @@ class Trainer:
             if is_ckpt or done == cfg.steps:
                 self._save_checkpoint(done)
             if is_eval and done != cfg.steps:
-                self._evaluate(done)
+                self._evaluate(done, self.curve_sets or self.val_sets)
             if done != cfg.steps and self._stop_requested(done):
                 if not is_ckpt:
                     self._save_checkpoint(done)
@@ -400,8 +402,9 @@ class Trainer:
         with open(self.out / "log.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
 
-    def _evaluate(self, done: int) -> dict[str, Any]:
-        if not self.val_sets or not self.is_main:
+    def _evaluate(self, done: int, sets: Sequence[Any] | None = None) -> dict[str, Any]:
+        sets = self.val_sets if sets is None else sets
+        if not sets or not self.is_main:
             return {}
         from evaluate.embed import module_embedder
         from evaluate.verify import evaluate_sets
@@ -412,12 +415,12 @@ class Trainer:
         try:
             with torch.no_grad():
                 # the final evaluation keeps its embeddings (val_embeddings/SET.npy) for paired tests between runs
-                keep = self.out / "val_embeddings" if done == self.cfg.steps else None
+                keep = self.out / "val_embeddings" if done == self.cfg.steps and sets is self.val_sets else None
                 results = evaluate_sets(module_embedder(model, self.preprocessing, device=str(self.device)),
-                                        self.val_sets, flip=True, progress=False, embeddings_dir=keep)
+                                        sets, flip=True, progress=False, embeddings_dir=keep)
         finally:
             model.train(was_training)
-        brief = {name: {k: v for k, v in m.items() if k != "roc"} for name, m in results.items()}
+        brief = {name: {k: v for k, v in m.items() if k not in ("roc", "pair_correct")} for name, m in results.items()}
         self._log({"step": done, "images_seen": done * self.cfg.batch_size, "eval": brief})
         write_learning_curve(self.out)
         summary = ", ".join(f"{n} acc={m['accuracy']:.4f}" for n, m in results.items())
@@ -544,6 +547,8 @@ class Trainer:
         if not self.is_main:
             return {}
         val = self._evaluate(cfg.steps)
+        if self.curve_sets and cfg.eval_every:
+            self._evaluate(cfg.steps, self.curve_sets)
         final = self.ema_model if self.ema_model is not None else self.model
         model_path = None
         if cfg.arch or getattr(final, "arch", None):

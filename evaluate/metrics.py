@@ -19,6 +19,13 @@ shuffling (sklearn `KFold(n_splits, shuffle=False)`: the first `P % nfolds` fold
   fold at least one genuine pair; otherwise the value is None. LFW (3,000 impostor pairs, 2,700 per training split)
   gets 1e-3 but not 1e-4; 1e-4 needs >= 11,112 impostor pairs with 10 folds.
 * AUC and EER over all pairs at once (no folds), from the exact ROC (accept when `dist <= t` over every distinct t).
+* pair_correct: per pair, whether the accuracy protocol's decision (its fold's chosen threshold) was right, as a
+  string of '0'/'1' (compact in JSON), so two models evaluated on the same pairs can be compared pair by pair.
+
+Statistics for comparing trained models (results.study): `mcnemar_exact` (exact two-sided binomial McNemar on
+discordant pairs), `paired_discordance` (discordant counts of matched runs), `t_interval` / `t_test_p` (Student t
+over seeds). The Student t distribution is computed here from its closed form for integer degrees of freedom
+(Abramowitz & Stegun 26.7.3-4), so scipy is not a dependency.
 """
 from __future__ import annotations
 
@@ -183,14 +190,17 @@ def verification_metrics(embeddings: np.ndarray, issame: Sequence[bool] | np.nda
     """insightface/LFW verification metrics of (2P, D) L2-normalised embeddings (pair i = rows 2i, 2i+1).
 
     Returns `{"accuracy", "std", "best_threshold", "tar_at_far": {"1e-3": float | None, ...},
-    "far_achieved": {...}, "auc", "eer", "pairs", "roc": {"fpr": [...], "tpr": [...]}}`; see the module docstring.
+    "far_achieved": {...}, "auc", "eer", "pairs", "roc": {"fpr": [...], "tpr": [...]}, "pair_correct": "0110..."}`;
+    see the module docstring.
     """
     dist, same = pair_distances(embeddings, issame)
     accuracies, chosen = [], []
-    for _, train, test in _folds(dist, same, nfolds, ACCURACY_THRESHOLDS):
+    correct = np.zeros(len(dist), dtype=bool)
+    for test, train, test_counts in _folds(dist, same, nfolds, ACCURACY_THRESHOLDS):
         best = int(np.argmax(_accuracy(train)))
         chosen.append(ACCURACY_THRESHOLDS[best])
-        accuracies.append(float(_accuracy(test, best)))
+        accuracies.append(float(_accuracy(test_counts, best)))
+        correct[test] = (dist[test] < ACCURACY_THRESHOLDS[best]) == same[test]
     tar, far = {}, {}
     for target in far_targets:
         tar[far_key(target)], far[far_key(target)] = _tar_at_far(dist, same, nfolds, target)
@@ -212,7 +222,109 @@ def verification_metrics(embeddings: np.ndarray, issame: Sequence[bool] | np.nda
         "eer": eer,
         "pairs": int(len(dist)),
         "roc": roc,
+        "pair_correct": (correct.astype(np.uint8) + ord("0")).tobytes().decode("ascii"),
     }
+
+
+def decode_pair_correct(text: str) -> np.ndarray:
+    """The bool array of a `pair_correct` string."""
+    arr = np.frombuffer(str(text).encode("ascii"), dtype=np.uint8)
+    if not np.isin(arr, (48, 49)).all():
+        raise FacekdError("pair_correct must be a string of '0' and '1'")
+    return arr == 49
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: b, c = discordant pairs (A right & B wrong, A wrong & B right).
+
+    Under H0 each discordant pair falls either way with probability 1/2, so min(b, c) ~ Binomial(b + c, 1/2):
+    p = min(1, 2 P(X <= min(b, c))), computed with exact integers.
+    """
+    if b < 0 or c < 0:
+        raise FacekdError(f"discordant counts must be >= 0, got {b}, {c}")
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def paired_discordance(correct_a: Sequence[Any], correct_b: Sequence[Any]) -> tuple[int, int]:
+    """Discordant counts (b, c) summed over matched runs: run i of A against run i of B on the same pairs.
+
+    Each element is a `pair_correct` string or a bool array; matched runs must have the same number of pairs.
+    """
+    if len(correct_a) != len(correct_b):
+        raise FacekdError(f"{len(correct_a)} runs of A but {len(correct_b)} of B to match")
+    b = c = 0
+    for x, y in zip(correct_a, correct_b):
+        x = decode_pair_correct(x) if isinstance(x, str) else np.asarray(x, dtype=bool)
+        y = decode_pair_correct(y) if isinstance(y, str) else np.asarray(y, dtype=bool)
+        if x.shape != y.shape:
+            raise FacekdError(f"runs are not on the same pairs ({x.size} vs {y.size})")
+        b += int(np.sum(x & ~y))
+        c += int(np.sum(~x & y))
+    return b, c
+
+
+def t_cdf_central(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's T with integer `df` degrees of freedom (Abramowitz & Stegun 26.7.3 / 26.7.4)."""
+    if df < 1 or int(df) != df:
+        raise FacekdError(f"degrees of freedom must be a positive integer, got {df}")
+    t = abs(float(t))
+    if math.isinf(t):
+        return 1.0
+    theta = math.atan(t / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2 == 0:  # sin(theta) * (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...), df/2 terms
+        term = total = 1.0
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        return s * total
+    if df == 1:
+        return 2 * theta / math.pi
+    term = total = 1.0  # (2/pi)(theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)), (df-1)/2 terms
+    for k in range(1, (df - 1) // 2):
+        term *= c2 * (2 * k) / (2 * k + 1)
+        total += term
+    return 2 / math.pi * (theta + s * math.cos(theta) * total)
+
+
+def t_quantile(confidence: float, df: int) -> float:
+    """t such that P(|T| <= t) = confidence (e.g. 0.95 -> the two-sided 97.5th percentile), by bisection."""
+    if not 0.0 < confidence < 1.0:
+        raise FacekdError(f"confidence must be in (0, 1), got {confidence}")
+    lo, hi = 0.0, 1.0
+    while t_cdf_central(hi, df) < confidence:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf_central(mid, df) < confidence else (lo, mid)
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return (lo + hi) / 2
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student t interval of the mean, mean +- t_{n-1} * s / sqrt(n), s with ddof=1 (n >= 2)."""
+    x = np.asarray(values, dtype=float)
+    if x.size < 2:
+        raise FacekdError(f"a t interval needs at least 2 values, got {x.size}")
+    mean = float(x.mean())
+    half = t_quantile(confidence, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return mean, mean - half, mean + half
+
+
+def t_test_p(differences: Sequence[float]) -> float:
+    """Two-sided one-sample t-test p-value of H0 mean = 0 (e.g. paired per-seed accuracy differences; n >= 2)."""
+    d = np.asarray(differences, dtype=float)
+    if d.size < 2:
+        raise FacekdError(f"a t-test needs at least 2 values, got {d.size}")
+    sd = float(d.std(ddof=1))
+    if sd == 0:
+        return 1.0 if float(d.mean()) == 0 else 0.0
+    return 1.0 - t_cdf_central(float(d.mean()) / (sd / math.sqrt(d.size)), d.size - 1)
 
 
 def plot_roc(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,

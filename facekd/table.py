@@ -20,12 +20,12 @@ from facekd.io import FacekdError, atomic_write_text, provenance
 
 DEFAULT_PATH = Path(os.environ.get("FACEKD_RESULTS", "results/summary.csv"))
 
-STAGES = ("teacher", "student", "pruned", "int8", "literature")
+STAGES = ("teacher", "student", "pruned", "int8", "literature", "study")
 KEY = ("stage", "model", "run", "dataset")
 
 # name -> (type, description). Types: str, int, float. Empty cells are missing values (NaN in pandas).
 COLUMNS: dict[str, tuple[type, str]] = {
-    "stage": (str, "teacher | student | pruned | int8 | literature"),
+    "stage": (str, "teacher | student | pruned | int8 | literature | study"),
     "model": (str, "architecture name from the registry (e.g. r100, mobilefacenet) or the paper's model name"),
     "run": (str, "run name (runs/NAME), or the literature source's short name"),
     "kd": (str, "distillation losses used to train this model (e.g. feature+logit; none; empty when n/a)"),
@@ -38,6 +38,15 @@ COLUMNS: dict[str, tuple[type, str]] = {
     "accuracy": (float, "10-fold verification accuracy in [0, 1]"),
     "std": (float, "standard deviation of the 10 fold accuracies"),
     "tar_at_far_1e3": (float, "TAR at FAR = 1e-3 (insightface calculate_val)"),
+    # results.study: a run row has `seed`; a variant's aggregate row has `n_seeds`, and its accuracy / std are the
+    # mean / sample std (ddof=1) over seeds (one seed: that run's accuracy and fold std)
+    "seed": (int, "training seed of a results.study run (empty elsewhere)"),
+    "n_seeds": (int, "results.study aggregate row: number of seeds averaged"),
+    "ci_low": (float, "aggregate row: 95% CI of the mean accuracy, low (t over seeds; 1 seed: t over the folds)"),
+    "ci_high": (float, "aggregate row: 95% CI of the mean accuracy, high"),
+    "p_value": (float, "aggregate row: exact McNemar p vs the study's no-KD variant, same pairs, seed i vs seed i"),
+    "images_seen": (int, "training images seen (steps x batch size)"),
+    "wall_s": (float, "training + evaluation wall seconds of the run (aggregate row: mean over seeds)"),
     "host_latency_ms": (float, "onnxruntime median latency, batch 1, 1 thread, on host_cpu"),
     "host_cpu": (str, "CPU model, core count and architecture the host latency was measured on"),
     "arm_latency_ms": (float, "median latency measured on a real aarch64 device; empty unless measured there"),
@@ -53,6 +62,9 @@ COLUMNS: dict[str, tuple[type, str]] = {
     "timestamp": (str, "UTC time the row was written"),
     "command": (str, "the command that made the row"),
 }
+
+# columns added after files were written: a file without them is still valid (their cells read as empty)
+ADDED_COLUMNS = ("seed", "n_seeds", "ci_low", "ci_high", "p_value", "images_seen", "wall_s")
 
 __doc__ += "\n".join(f"- `{name}` ({kind.__name__}): {text}" for name, (kind, text) in COLUMNS.items())
 
@@ -112,8 +124,8 @@ def _check_row(row: Mapping[str, Any], where: str) -> dict[str, str]:
 def _parse(text: str, path: Path) -> list[dict[str, str]]:
     reader = csv.DictReader(io.StringIO(text))
     header = reader.fieldnames or []
-    if header != list(COLUMNS):
-        missing = [c for c in COLUMNS if c not in header]
+    missing = [c for c in COLUMNS if c not in header]
+    if header != [c for c in COLUMNS if c in header] or set(missing) - set(ADDED_COLUMNS):  # older files lack ADDED
         extra = [c for c in header if c not in COLUMNS]
         raise FacekdError(f"{path} does not have the summary schema (missing {missing}, unexpected {extra}); "
                           "move it aside and re-run the stages")

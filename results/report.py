@@ -219,6 +219,150 @@ def plot_rocs(frame, out: Path) -> list[Path]:
     return paths
 
 
+# ----------------------------------------------------------------------------- results.study: significance, curves
+
+def _study_name(run: str) -> str:
+    return str(run).split("/")[0]
+
+
+def study_markdown(frame) -> str:
+    """The KD study (stage `study` rows) as it holds: each variant vs no KD, significant at p < 0.05 or not."""
+    import pandas as pd
+
+    from evaluate.metrics import t_test_p
+
+    data = frame[frame["stage"] == "study"]
+    agg = data[data["n_seeds"].notna()]
+    if agg.empty:
+        return ""
+    runs = data[data["seed"].notna()]
+    lines = ["## KD study: does distillation beat no KD?", "",
+             "Each study trains every variant with the same budget and seeds (seed s: the same initialisation, data "
+             "order and flips for every variant). Accuracy: mean over seeds ± their sample std; 95% CI: Student t "
+             "over seeds (one seed: t over the 10 fold accuracies, pair sampling only). McNemar p: exact test against "
+             "no KD on the same pairs (each pair's decision at its fold's threshold, discordant pairs summed over "
+             "seed i vs seed i); it holds the trained models fixed. Seed-paired t p: t-test of the per-seed "
+             "accuracy differences (≥ 2 matched seeds), which tests seed-to-seed variance. A difference is called "
+             "significant when every available test gives p < 0.05; with one seed only the pairs are tested, "
+             "and the text says so.", ""]
+    for (study, dataset), group in agg.groupby([agg["run"].map(_study_name), "dataset"], sort=False):
+        base_runs = runs[(runs["run"].map(_study_name) == study) & (runs["dataset"] == dataset)]
+        none = group[group["kd"] == "none"]
+        base = float(none["accuracy"].iloc[0]) if len(none) else None
+        none_ci = (f"{100 * none['ci_low'].iloc[0]:.2f} – {100 * none['ci_high'].iloc[0]:.2f}"
+                   if len(none) and _text(none["ci_low"].iloc[0]) else "")
+        images = group["images_seen"].dropna()
+        budget = f", {int(images.iloc[0]):,} training images per run" if len(images) else ""
+        lines += [f"### {study} on {dataset}{budget}", "",
+                  "| variant | seeds | accuracy % | 95% CI % | vs no KD (points) | McNemar p | seed-paired t p | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        verdicts = []
+        for _, row in group.iterrows():
+            kd = _text(row["kd"])
+            acc = f"{100 * row['accuracy']:.2f}" + (f" ± {100 * row['std']:.2f}" if _text(row["std"]) else "")
+            ci = f"{100 * row['ci_low']:.2f} – {100 * row['ci_high']:.2f}" if _text(row["ci_low"]) else ""
+            delta = f"{100 * (row['accuracy'] - base):+.2f}" if base is not None and kd != "none" else ""
+            mine = base_runs[base_runs["kd"] == kd].set_index("seed")["accuracy"]
+            ref = base_runs[base_runs["kd"] == "none"].set_index("seed")["accuracy"]
+            matched = sorted(set(mine.index) & set(ref.index))
+            t_p = t_test_p([mine[s] - ref[s] for s in matched]) if kd != "none" and len(matched) >= 2 else None
+            p = row["p_value"]
+            if kd == "none":
+                verdict = "reference"
+            elif pd.isna(p):
+                verdict = "no paired test (no matching no-KD run)"
+            else:
+                word = "better" if row["accuracy"] > base else "worse"
+                if p < 0.05 and (t_p is None or t_p < 0.05):
+                    verdict = (f"significantly {word} at p < 0.05" if t_p is not None else
+                               f"{word}, significant on these pairs at p < 0.05 (1 seed: seed variance untested)")
+                else:
+                    verdict = "not significant at p < 0.05"
+                verdicts.append(f"{kd}: {verdict} ({delta} points vs no KD; 95% CI of its accuracy {ci} %"
+                                + (f", of no KD's {none_ci} %)" if none_ci else ")"))
+            lines.append(f"| {kd} | {int(row['n_seeds'])} | {acc} | {ci} | {delta} | "
+                         f"{'' if pd.isna(p) else f'{p:.3g}'} | {'' if t_p is None else f'{t_p:.3g}'} | {verdict} |")
+        lines += [""] + [f"- {v}" for v in verdicts]
+        lines += ["- Differences not marked significant are not claimed.", ""]
+    return "\n" + "\n".join(lines)
+
+
+def _load_curves(folder: Path) -> list[dict[str, Any]]:
+    studies = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict) and data.get("runs"):
+            studies.append(data)
+    return studies
+
+
+def curve_variants(study: dict[str, Any]) -> tuple[list[dict], dict[str, list[float]], list[str]]:
+    """(runs evaluated during training, final full-set accuracies per variant, variants to draw: none and the KD
+    variant with the best mean final accuracy among them)."""
+    final_set = (study.get("final_sets") or [None])[0]
+    with_curve = [r for r in study["runs"] if len({p["images"] for p in r["points"]}) > 1]
+    finals: dict[str, list[float]] = {}
+    for run in with_curve:
+        last = max(p["images"] for p in run["points"])
+        finals.setdefault(run["variant"], []).extend(
+            p["accuracy"] for p in run["points"] if p["images"] == last and p["set"] == final_set)
+    kd = {v: sum(a) / len(a) for v, a in finals.items() if a and v != "none"}
+    return with_curve, finals, (["none"] if "none" in finals else []) + ([max(kd, key=kd.get)] if kd else [])
+
+
+def plot_learning_curves(curves_dir: Path, path: Path) -> Path | None:
+    """Accuracy vs images seen for no KD and the best KD variant (by final accuracy, among the runs evaluated during
+    training) of each study (results/curves/*.json, written by results.study), the teacher's accuracy as a
+    horizontal line; one panel per study."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    studies = _load_curves(curves_dir)
+    if not studies:
+        return None
+    fig, axes = plt.subplots(1, len(studies), figsize=(6.5 * len(studies), 4.8), squeeze=False)
+    for ax, study in zip(axes[0], studies):
+        final_set = (study.get("final_sets") or [None])[0]
+        with_curve, finals, shown = curve_variants(study)
+        for colour, variant in zip(("tab:gray", "tab:blue"), shown):
+            runs = [r for r in with_curve if r["variant"] == variant]
+            curve_sets = {p["set"] for r in runs for p in r["points"] if p["set"] != final_set}
+            curve_set = sorted(curve_sets)[0] if curve_sets else final_set
+            by_images: dict[int, list[float]] = {}
+            for r in runs:
+                pts = sorted((p["images"], p["accuracy"]) for p in r["points"] if p["set"] == curve_set)
+                for x, y in pts:
+                    by_images.setdefault(x, []).append(y)
+                if len(runs) > 1:
+                    ax.plot([x for x, _ in pts], [100 * y for _, y in pts], color=colour, lw=0.6, alpha=0.4)
+            xs = sorted(by_images)
+            label = f"{'no KD' if variant == 'none' else 'KD ' + variant} on {curve_set}, mean of {len(runs)} seed(s)"
+            ax.plot(xs, [100 * np.mean(by_images[x]) for x in xs], "o-", color=colour, label=label)
+            if curve_set != final_set and finals.get(variant):
+                ax.errorbar([max(xs)], [100 * np.mean(finals[variant])], fmt="*", ms=12, color=colour,
+                            yerr=[[100 * (np.mean(finals[variant]) - min(finals[variant]))],
+                                  [100 * (max(finals[variant]) - np.mean(finals[variant]))]],
+                            label=f"{'no KD' if variant == 'none' else variant} final on {final_set} (full; "
+                                  f"bar: seed range)")
+        teacher = study.get("teacher") or {}
+        for name, acc in (teacher.get("val") or {}).items():
+            if acc is not None and name == final_set:
+                ax.axhline(100 * acc, color="tab:purple", ls="--",
+                           label=f"teacher {teacher.get('name', '')} on {name}: {100 * acc:.2f}%")
+        ax.set_xlabel("training images seen")
+        ax.set_ylabel("verification accuracy (%)")
+        ax.set_title(f"learning curves — {study.get('study', '')}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def build_report(summary: Path, out: Path) -> dict[str, Any]:
     """Write summary.md and plots/*.png under `out`; return what was written."""
     import matplotlib
@@ -233,7 +377,8 @@ def build_report(summary: Path, out: Path) -> dict[str, Any]:
                            plot_latency(frame, plots / "latency.png"),
                            plot_arm_instructions(frame, plots / "arm_instructions.png")) if p]
     written += plot_rocs(frame, plots)
-    markdown = render_markdown(frame)
+    written += [p for p in [plot_learning_curves(summary.parent / "curves", plots / "learning_curves.png")] if p]
+    markdown = render_markdown(frame) + study_markdown(frame)
     if written:
         markdown += "\n## Plots\n\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in written) + "\n"
     atomic_write_text(out / "summary.md", markdown)

@@ -190,3 +190,77 @@ def test_bad_inputs_give_clear_errors():
         verification_metrics(emb * 3.0, same)
     with pytest.raises(FacekdError, match="cannot be split into 10 folds"):
         verification_metrics(emb[:8], same[:4])
+
+
+# ---------------------------------------------------------------- per-pair decisions and the study's statistics
+
+def test_pair_correct_is_each_pairs_decision_at_its_folds_threshold():
+    from evaluate.metrics import decode_pair_correct
+
+    emb, same = make_pairs(240, noise=0.8, seed=3)
+    got = verification_metrics(emb, same, nfolds=10)
+    dist, flags = ref_distances(emb), [bool(s) for s in same]
+    thresholds = [float(t) for t in np.arange(0, 4, 0.01)]
+    expected = []
+    for train, test in ref_folds(len(dist), 10):
+        best_t, best_acc = None, -1.0
+        for t in thresholds:
+            acc = ref_accuracy(dist, flags, train, t)
+            if acc > best_acc:
+                best_t, best_acc = t, acc
+        expected += ["1" if (dist[i] < best_t) == flags[i] else "0" for i in test]
+    assert got["pair_correct"] == "".join(expected)
+    assert decode_pair_correct(got["pair_correct"]).mean() == pytest.approx(got["accuracy"])  # equal folds
+    json.dumps(got)  # JSON-ready
+
+
+def _two_sided_by_enumeration(b: int, c: int) -> float:
+    """McNemar's exact p by listing all 2^n ways n discordant pairs can fall: P(outcome as extreme as observed)."""
+    n, k = b + c, min(b, c)
+    extreme = sum(1 for bits in range(2 ** n) if min(bin(bits).count("1"), n - bin(bits).count("1")) <= k)
+    return extreme / 2 ** n
+
+
+@pytest.mark.parametrize("b,c", [(1, 6), (0, 5), (4, 4), (3, 9), (10, 2), (0, 0)])
+def test_mcnemar_exact_matches_enumeration(b, c):
+    from evaluate.metrics import mcnemar_exact
+
+    assert mcnemar_exact(b, c) == pytest.approx(_two_sided_by_enumeration(b, c) if b + c else 1.0, abs=1e-15)
+
+
+def test_mcnemar_exact_against_scipy_when_present():
+    stats = pytest.importorskip("scipy.stats", reason="scipy is not a facekd dependency; enumeration test covers it")
+    from evaluate.metrics import mcnemar_exact
+
+    for b, c in ((40, 61), (300, 350), (7, 0), (1000, 1100)):
+        assert mcnemar_exact(b, c) == pytest.approx(stats.binomtest(b, b + c, 0.5).pvalue, rel=1e-9)
+
+
+def test_paired_discordance_sums_matched_runs():
+    from evaluate.metrics import paired_discordance
+
+    assert paired_discordance(["1100", "1010"], ["1010", "1111"]) == (1 + 0, 1 + 2)
+    with pytest.raises(FacekdError, match="same pairs"):
+        paired_discordance(["110"], ["1100"])
+    with pytest.raises(FacekdError, match="to match"):
+        paired_discordance(["1"], [])
+
+
+def test_student_t_against_table_values_and_closed_forms():
+    from evaluate.metrics import t_interval, t_quantile, t_test_p
+
+    # two-sided 95% critical values from statistical tables (t_{0.975, df})
+    for df, value in ((1, 12.7062047362), (2, 4.30265272975), (3, 3.18244630528), (4, 2.77644510520),
+                      (9, 2.26215716280), (29, 2.04522964213)):
+        assert t_quantile(0.95, df) == pytest.approx(value, abs=1e-9)
+    mean, low, high = t_interval([0.80, 0.82, 0.84])
+    assert mean == pytest.approx(0.82)
+    assert high - mean == pytest.approx(4.30265272975 * 0.02 / math.sqrt(3), abs=1e-11)
+    assert mean - low == pytest.approx(high - mean)
+    # df = 2 has the closed form P(|T| > t) = 1 - t / sqrt(2 + t^2); differences 1, 2, 3: t = 2 / (1 / sqrt 3)
+    t = 2 * math.sqrt(3)
+    assert t_test_p([1.0, 2.0, 3.0]) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-12)
+    # df = 1 is Cauchy: P(|T| > t) = 1 - 2 atan(t) / pi; differences 1, 3: mean 2, s = sqrt 2, t = 2
+    assert t_test_p([1.0, 3.0]) == pytest.approx(1 - 2 * math.atan(2.0) / math.pi, abs=1e-12)
+    with pytest.raises(FacekdError, match="at least 2"):
+        t_interval([0.5])
