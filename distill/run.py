@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="teacher: registry name (r18..r200, timm:NAME), onnx:PATH, sface")
     p.add_argument("--teacher-weights", help="facekd checkpoint or insightface backbone.pth of the teacher")
     p.add_argument("--student", default="mobilefacenet", help="student registry name")
-    p.add_argument("--data", default="synthfaces", help="training set spec (facedata.open_train_set)")
+    p.add_argument("--data", default=None, help="training set spec (facedata.open_train_set; default synthfaces, "
+                                               "with --preset smoke synthfaces:tiny)")
     p.add_argument("--val", nargs="*", default=None, metavar="SET",
                    help="verification sets (default: the synthfaces set matching --data; none for other data)")
     p.add_argument("--kd", default="feature+logit",
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="auto", choices=PRESET_CHOICES, help="auto: gpu with CUDA, else cpu")
     p.add_argument("--out", help="run directory runs/NAME (default runs/distill-STUDENT-TEACHER)")
     p.add_argument("--resume", action="store_true", help="continue the student from its checkpoint.pt")
-    p.add_argument("--results", default=None, help="results table (default results/summary.csv)")
+    p.add_argument("--results", default=None, help="results table (default results/summary.csv; with --preset "
+                                                   "smoke results/smoke/summary.csv)")
     p.add_argument("--no-results", action="store_true", help="do not touch the results table")
     g = p.add_argument_group("losses")
     g.add_argument("--margin", default="arcface", choices=("arcface", "cosface"), help="hard-label margin loss")
@@ -55,15 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--w-{name}", type=float, default=value, help=f"weight of the {name} loss")
     g.add_argument("--temperature", type=float, default=4.0, help="logit KD temperature T")
     g.add_argument("--logit-scale", type=float, default=64.0, help="cosine-logit scale of logit KD")
-    g.add_argument("--feature-metric", default="cosine", choices=("cosine", "mse"))
+    g.add_argument("--feature-metric", default="cosine", choices=("cosine", "mse"),
+                   help="feature KD distance: 1 - cosine, or mean squared error of the L2-normalised embeddings")
     g.add_argument("--adadistill-m", type=float, default=0.45, help="AdaDistill margin (official config: 0.45)")
     t = p.add_argument_group("training (override the preset)")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--workers", type=int)
-    t.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    t.add_argument("--steps", type=int, help="training steps (optimiser updates) of each student (default: the "
+                                             "preset's: smoke 20, cpu 200, gpu 20000)")
+    t.add_argument("--batch-size", type=int, help="images per step (default: the preset's)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    t.add_argument("--seed", type=int, default=0, help="seed of weights, data order and flips")
+    t.add_argument("--workers", type=int, help="DataLoader workers (default: auto)")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when available")
     t.add_argument("--cache-batch-size", type=int, default=128, help="batch size of the teacher cache pass")
     return p
 
@@ -192,7 +196,7 @@ def teacher_cache(args: argparse.Namespace, dataset: Any, out: Path, weights: Pa
 # ----------------------------------------------------------------------------------------------- results
 
 def result_rows(*, student: str, run: str, kd: str, model: Any, metrics: dict[str, Any], artifact: Path,
-                command: str) -> list[dict[str, Any]]:
+                command: str, notes: str = "") -> list[dict[str, Any]]:
     """One results row per evaluated set (keys of facekd.table's schema)."""
     from facekd import table
     from facekd.models import count_macs
@@ -200,7 +204,7 @@ def result_rows(*, student: str, run: str, kd: str, model: Any, metrics: dict[st
     params = sum(p.numel() for p in model.parameters())
     macs = count_macs(model.cpu().eval())
     cells = {"kd": kd, "params": params, "macs": macs, "embedding_dim": int(model.embedding_dim),
-             "hardware": metrics.get("hardware"), "artifact": str(artifact), "command": command}
+             "hardware": metrics.get("hardware"), "artifact": str(artifact), "command": command, "notes": notes}
     if artifact.is_file():
         cells["file_bytes"] = artifact.stat().st_size
     return [table.model_row("student", student, run, dataset=name, metrics=m, **cells)
@@ -253,7 +257,8 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
     settings = {"student": args.student, "teacher": args.teacher, "kd": kd_label(kd), "online_teacher":
                 args.online_teacher, "margin": args.margin, "s": args.s, "m": args.m, "weights": weights,
                 "temperature": args.temperature, "logit_scale": args.logit_scale,
-                "feature_metric": args.feature_metric, "adadistill_m": args.adadistill_m, "train": metrics["config"]}
+                "feature_metric": args.feature_metric, "adadistill_m": args.adadistill_m, "train": metrics["config"],
+                "data": args.data, "val": args.val}
     inputs = {"dataset": dataset.fingerprint}
     if teacher_info.get("weights"):
         inputs["teacher_sha256"] = sha256_file(teacher_info["weights"])
@@ -268,7 +273,7 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import facedata
-    from engine.presets import resolve_preset
+    from engine.presets import default_data, default_val, make_config, preset_notes, resolve_preset, results_path
 
     kd_settings = [parse_kd(k) for k in args.ablation.split(",")] if args.ablation else [parse_kd(args.kd)]
     if args.temperature <= 0:
@@ -277,9 +282,16 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, f"w_{name}") < 0:
             raise FacekdError(f"--w-{name} must be >= 0, got {getattr(args, f'w_{name}')}")
     preset = resolve_preset(args.preset)
+    # every flag checked before data is generated or read
+    make_config(preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                workers=args.workers, device=args.device, out="unused")
+    args.data = default_data(preset, args.data)
+    args.results = str(results_path(preset, args.results))
+    notes = preset_notes(preset)
     device = _device(args.device)
     dataset = facedata.open_train_set(args.data)
-    val_specs = args.val if args.val is not None else ([args.data] if args.data.split(":")[0] == "synthfaces" else [])
+    val_specs = args.val if args.val is not None else default_val(args.data)
+    args.val = val_specs
     val_sets = [facedata.open_verification_set(v) for v in val_specs]
     out = Path(args.out or RUNS / f"distill-{args.student}-{args.teacher}".replace(":", "_").replace("/", "_"))
     teacher_info = (resolve_teacher(args, dataset, out, preset, device) if any(kd_settings)
@@ -300,9 +312,9 @@ def main(argv: list[str] | None = None) -> int:
             from facekd import table
 
             rows = result_rows(student=args.student, run=run_name, kd=label, model=result["student"],
-                               metrics=metrics, artifact=run_dir / "model.onnx", command=command)
+                               metrics=metrics, artifact=run_dir / "model.onnx", command=command, notes=notes)
             if rows:
-                table.upsert_rows(rows, args.results or table.DEFAULT_PATH)
+                table.upsert_rows(rows, args.results)
         accs = ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in (metrics.get("val") or {}).items())
         summary.append(f"  kd={label:<22} {accs or 'no validation set'}  -> {run_dir}")
     cache = teacher_info.get("cache")
@@ -310,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         from facekd import table
         from teachers.cache import teacher_rows
 
-        rows = teacher_rows(cache.manifest)
+        rows = [{**row, "notes": notes} for row in teacher_rows(cache.manifest)]
         if rows:
-            table.upsert_rows(rows, args.results or table.DEFAULT_PATH, stamp=False)
+            table.upsert_rows(rows, args.results, stamp=False)
     if _rank() == 0:
         print("distillation done:\n" + "\n".join(summary))
     return 0

@@ -5,7 +5,8 @@ headers) and decode lazily; an image that fails to decode is logged, recorded in
 by the next readable image of the SAME identity (so labels stay right). Once more than `max_bad_fraction` of the
 dataset (default 0.001, env `FACEKD_MAX_BAD_FRACTION`) is bad, reading stops with a FacekdError naming the first
 files. With DataLoader workers each worker counts what it saw and stops at its share (1/workers) of the limit, so
-all workers together never pass `max_bad_fraction`. Verification sets are decoded whole on open and any bad image is an error.
+all workers together never pass `max_bad_fraction`. Verification sets are decoded whole on open and any bad
+image is an error.
 """
 from __future__ import annotations
 

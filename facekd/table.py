@@ -52,6 +52,7 @@ COLUMNS: dict[str, tuple[type, str]] = {
     "git_commit": (str, "git commit of the code that wrote the row"),
     "timestamp": (str, "UTC time the row was written"),
     "command": (str, "the command that made the row"),
+    "notes": (str, "caveats, e.g. 'smoke preset: ...' on rows of a wiring check whose accuracy means nothing"),
 }
 
 __doc__ += "\n".join(f"- `{name}` ({kind.__name__}): {text}" for name, (kind, text) in COLUMNS.items())
@@ -112,7 +113,7 @@ def _check_row(row: Mapping[str, Any], where: str) -> dict[str, str]:
 def _parse(text: str, path: Path) -> list[dict[str, str]]:
     reader = csv.DictReader(io.StringIO(text))
     header = reader.fieldnames or []
-    if header != list(COLUMNS):
+    if header != list(COLUMNS) and not (header and header == list(COLUMNS)[:len(header)]):  # older: fewer columns
         missing = [c for c in COLUMNS if c not in header]
         extra = [c for c in header if c not in COLUMNS]
         raise FacekdError(f"{path} does not have the summary schema (missing {missing}, unexpected {extra}); "

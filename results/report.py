@@ -46,14 +46,17 @@ def render_markdown(frame) -> str:
              "dataset and is not comparable to LFW. Literature rows are quoted from their source, not measured here.",
              "Host latency: onnxruntime, batch 1, 1 thread, on the CPU named in `host_cpu`. ARM columns count "
              "aarch64 instructions per inference under QEMU (instructions, not time).", ""]
+    if frame["notes"].fillna("").str.startswith("smoke").any():
+        lines += ["**Rows noted `smoke preset` come from a wiring check on tiny data: their accuracy means nothing.**",
+                  ""]
     cpus = sorted({c for c in frame["host_cpu"].dropna() if c})
     if cpus:
         lines += ["Host CPU: " + "; ".join(cpus), ""]
     for dataset, group in frame.groupby("dataset", sort=False):
         lines += [f"## {dataset}", "",
                   "| stage | model | run | kd | params (M) | MACs (M) | size (MB) | accuracy (%) | TAR@FAR=1e-3 (%) "
-                  "| host ms | ARM instr a53 / a72 / a76 (M) | trained on | source |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| host ms | ARM instr a53 / a72 / a76 (M) | trained on | source | notes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for _, row in group.iterrows():
             acc = _fmt(row["accuracy"], 0.01)
             if acc and _text(row["std"]):
@@ -63,7 +66,8 @@ def render_markdown(frame) -> str:
                 str(row["stage"]), str(row["model"]), str(row["run"]), _text(row["kd"]),
                 _fmt(row["params"], 1e6, 3), _fmt(row["macs"], 1e6, 1), _fmt(row["file_mb"], 1, 3), acc,
                 _fmt(row["tar_at_far_1e3"], 0.01), _fmt(row["host_latency_ms"], 1, 2),
-                arm if arm != "– / – / –" else "", _text(row["hardware"]), _text(row["source"])]) + " |")
+                arm if arm != "– / – / –" else "", _text(row["hardware"]), _text(row["source"]),
+                _text(row["notes"])]) + " |")
         lines.append("")
     return "\n".join(lines)
 
