@@ -403,7 +403,7 @@ def results_rows(report: dict[str, Any], *, arch: str, run: str, int8_path: Path
 
     lat = report.get("latency") or {}
     host = lat.get("host") or {}
-    cpu = f"{host.get('cpu', '')} x{host.get('cores', '')} {host.get('arch', '')}".strip() if host else None
+    cpu = f"{host.get('cpu', '')} x{host.get('cores', '')} ({host.get('arch', '')})" if host else None  # as latency
     metrics = report["metrics"]["int8"]
     return [model_row("int8", arch, run, dataset=report["dataset"], metrics=metrics, kd="",
                       params=params, macs=macs, file_bytes=report["file_bytes"]["int8"],
