@@ -145,7 +145,7 @@ def test_channels_must_respect_residuals() -> None:
 
 
 def test_torch_pruning_result_rebuilds_from_channel_config(tmp_path: Path) -> None:
-    tp = pytest.importorskip("torch_pruning")
+    import torch_pruning as tp  # a required dependency: a broken install fails here, it does not skip
     model = _randomise(create_model("mobilefacenet"))
     x = torch.randn(2, 3, 112, 112)
     pruner = tp.pruner.MagnitudePruner(model, x[:1], importance=tp.importance.MagnitudeImportance(p=2),
@@ -222,7 +222,7 @@ def test_registry_and_timm(tmp_path: Path) -> None:
     assert model(torch.randn(2, 3, 112, 112)).shape == (2, 96)
     with pytest.raises(FacekdError, match="nothing is ever downloaded"):
         create_model("timm:resnet18", pretrained=True)
-    timm = pytest.importorskip("timm")
+    import timm
     backbone = timm.create_model("mobilenetv3_small_050", num_classes=10)  # a local weight file, e.g. ImageNet
     torch.save(backbone.state_dict(), tmp_path / "mnv3.pth")
     model = create_model("timm:mobilenetv3_small_050", pretrained=True, checkpoint_path=str(tmp_path / "mnv3.pth"))
