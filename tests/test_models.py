@@ -1,6 +1,7 @@
 """Model definitions and plumbing: insightface layouts, MobileFaceNet Table 1, checkpoints, pruning round trips."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -209,7 +210,7 @@ def test_insightface_backbone_pth(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "junk.pth", arch="r18")
 
 
-def test_registry_and_timm(tmp_path: Path) -> None:
+def test_registry() -> None:
     teachers, students = list_models("teacher"), list_models("student")
     assert {"r18", "r34", "r50", "r100", "r200", "sface"} <= set(teachers)
     assert {"mobilefacenet", "mobilefacenet_m", "mobilefacenet_s", "mbf", "mbf_large"} <= set(students)
@@ -217,6 +218,11 @@ def test_registry_and_timm(tmp_path: Path) -> None:
         create_model("r101")
     with pytest.raises(FacekdError, match="cannot build 'r18'"):
         create_model("r18", width=2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None,
+                    reason="optional extra absent: timm (pip install -e '.[timm]'; it brings torchvision)")
+def test_timm_backbones(tmp_path: Path) -> None:
     model = create_model("timm:mobilenetv3_small_050", embedding_dim=96).eval()
     assert model.arch == "timm:mobilenetv3_small_050" and model.input_size == (112, 112)
     assert model(torch.randn(2, 3, 112, 112)).shape == (2, 96)
