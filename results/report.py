@@ -82,19 +82,16 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
-def _spread(values: list[float], gap: float, low: float, high: float) -> list[float]:
-    """Label positions near `values` (sorted order kept) at least `gap` apart, inside [low, high] where possible."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    placed = [0.0] * len(values)
-    last = low - gap
-    for i in order:
-        last = placed[i] = max(values[i], last + gap)
-    overflow = last - high
-    if overflow > 0:  # shift the whole stack down, never below `low` unless there is no room
-        for i in order:
-            placed[i] -= min(overflow, max(0.0, placed[order[0]] - low) if i == order[0] else overflow)
-        for k in range(1, len(order)):
-            placed[order[k]] = max(placed[order[k]], placed[order[k - 1]] + gap)
+def _spread(values: list[float], gap: float, high: float) -> list[float]:
+    """Label positions near `values`, in the same order, at least `gap` apart and not above `high`."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    placed = list(values)
+    for below, i in zip(order, order[1:]):  # upwards: each label at least a line above the one below it
+        placed[i] = max(placed[i], placed[below] + gap)
+    ceiling = high
+    for i in reversed(order):  # then down from the top edge, where the stack overflowed it
+        placed[i] = min(placed[i], ceiling)
+        ceiling = placed[i] - gap
     return placed
 
 
@@ -141,7 +138,7 @@ def plot_accuracy_vs_size(frame, path: Path) -> Path | None:
         y0, y1 = ax.get_ylim()
         frac = [(y - y0) / (y1 - y0) for y in accs]
         line = 1.25 * 8 / 72 / (fig.get_figheight() * ax.get_position().height)  # one 8-pt line, axes fraction
-        for (_, row), x, y, ty in zip(group.iterrows(), sizes, accs, _spread(frac, line, 0.0, 1.0)):
+        for (_, row), x, y, ty in zip(group.iterrows(), sizes, accs, _spread(frac, line, 1.0)):
             ax.annotate(f"{_label(row)}: {y:.2f}%", xy=(x, y), xycoords="data", xytext=(1.03, ty),
                         textcoords="axes fraction", fontsize=8, va="center", annotation_clip=False,
                         color=STAGE_COLOURS.get(row["stage"], "k"), zorder=1,
