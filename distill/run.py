@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "several joined by '+' (e.g. sface+dlib_resnet) distil from all of them")
     p.add_argument("--teacher-weights", help="facekd checkpoint or insightface backbone.pth of the teacher")
     p.add_argument("--student", default="mobilefacenet", help="student registry name")
-    p.add_argument("--data", default="synthfaces", help="training set spec (facedata.open_train_set)")
+    p.add_argument("--data", default=None, help="training set spec (facedata.open_train_set; default synthfaces, "
+                                               "with --preset smoke synthfaces:tiny)")
     p.add_argument("--val", nargs="*", default=None, metavar="SET",
                    help="verification sets (default: the synthfaces set matching --data; none for other data)")
     p.add_argument("--kd", default="feature+logit",
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="auto", choices=PRESET_CHOICES, help="auto: gpu with CUDA, else cpu")
     p.add_argument("--out", help="run directory runs/NAME (default runs/distill-STUDENT-TEACHER)")
     p.add_argument("--resume", action="store_true", help="continue the student from its checkpoint.pt")
-    p.add_argument("--results", default=None, help="results table (default results/summary.csv)")
+    p.add_argument("--results", default=None, help="results table (default results/summary.csv; with --preset "
+                                                   "smoke results/smoke/summary.csv)")
     p.add_argument("--no-results", action="store_true", help="do not touch the results table")
     g = p.add_argument_group("losses")
     g.add_argument("--margin", default="arcface", choices=("arcface", "cosface"), help="hard-label margin loss")
@@ -63,16 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--w-{name}", type=float, default=value, help=f"weight of the {name} loss")
     g.add_argument("--temperature", type=float, default=4.0, help="logit KD temperature T")
     g.add_argument("--logit-scale", type=float, default=64.0, help="cosine-logit scale of logit KD")
-    g.add_argument("--feature-metric", default="cosine", choices=("cosine", "mse"))
+    g.add_argument("--feature-metric", default="cosine", choices=("cosine", "mse"),
+                   help="feature KD distance: 1 - cosine, or mean squared error of the L2-normalised embeddings")
     g.add_argument("--adadistill-m", type=float, default=0.45, help="AdaDistill margin (official config: 0.45)")
     t = p.add_argument_group("training (override the preset)")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, help="training steps (optimiser updates) of each student (default: the "
+                                             "preset's: smoke 20, cpu 200, gpu 20000)")
+    t.add_argument("--batch-size", type=int, help="images per step (default: the preset's)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    t.add_argument("--seed", type=int, default=0, help="seed of weights, data order and flips")
     t.add_argument("--eval-every", type=int, help="evaluate every N steps too (0: only at the end)")
-    t.add_argument("--workers", type=int)
-    t.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    t.add_argument("--workers", type=int, help="DataLoader workers (default: auto)")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when available")
     t.add_argument("--cache-batch-size", type=int, default=128, help="batch size of the teacher cache pass")
     return p
 
@@ -224,7 +228,7 @@ def teacher_cache(args: argparse.Namespace, dataset: Any, out: Path, weights: Pa
 # ----------------------------------------------------------------------------------------------- results
 
 def result_rows(*, student: str, run: str, kd: str, model: Any, metrics: dict[str, Any], artifact: Path,
-                command: str) -> list[dict[str, Any]]:
+                command: str, notes: str = "") -> list[dict[str, Any]]:
     """One results row per evaluated set (keys of facekd.table's schema)."""
     from facekd import table
     from facekd.models import count_macs
@@ -232,7 +236,7 @@ def result_rows(*, student: str, run: str, kd: str, model: Any, metrics: dict[st
     params = sum(p.numel() for p in model.parameters())
     macs = count_macs(model.cpu().eval())
     cells = {"kd": kd, "params": params, "macs": macs, "embedding_dim": int(model.embedding_dim),
-             "hardware": metrics.get("hardware"), "artifact": str(artifact), "command": command}
+             "hardware": metrics.get("hardware"), "artifact": str(artifact), "command": command, "notes": notes}
     if artifact.is_file():
         cells["file_bytes"] = artifact.stat().st_size
     return [table.model_row("student", student, run, dataset=name, metrics=m, **cells)
@@ -308,7 +312,7 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
                 args.online_teacher, "margin": args.margin, "s": args.s, "m": args.m, "weights": weights,
                 "temperature": args.temperature, "logit_scale": args.logit_scale,
                 "feature_metric": args.feature_metric, "adadistill_m": args.adadistill_m, "head": args.head,
-                "sample_rate": args.sample_rate, "train": metrics["config"]}
+                "sample_rate": args.sample_rate, "train": metrics["config"], "data": args.data, "val": args.val}
     inputs = {"dataset": dataset.fingerprint}
     if teacher_info.get("weights"):
         inputs["teacher_sha256"] = sha256_file(teacher_info["weights"])
@@ -325,7 +329,7 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import facedata
-    from engine.presets import resolve_preset
+    from engine.presets import default_data, default_val, make_config, preset_notes, resolve_preset, results_path
 
     kd_settings = [parse_kd(k) for k in args.ablation.split(",")] if args.ablation else [parse_kd(args.kd)]
     if args.temperature <= 0:
@@ -339,9 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.head != "dense" and any("adadistill" in kd for kd in kd_settings):
         raise FacekdError("--kd adadistill has its own dense head of EMA teacher centres; use --head dense")
     preset = resolve_preset(args.preset)
+    # every flag checked before data is generated or read
+    make_config(preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                workers=args.workers, device=args.device, out="unused")
+    args.data = default_data(preset, args.data)
+    args.results = str(results_path(preset, args.results))
+    notes = preset_notes(preset)
     device = _device(args.device)
     dataset = facedata.open_train_set(args.data)
-    val_specs = args.val if args.val is not None else ([args.data] if args.data.split(":")[0] == "synthfaces" else [])
+    val_specs = args.val if args.val is not None else default_val(args.data)
+    args.val = val_specs
     val_sets = [facedata.open_verification_set(v) for v in val_specs]
     out = Path(args.out or RUNS / f"distill-{args.student}-{args.teacher}".replace(":", "_").replace("/", "_"))
     teacher_info = (resolve_teachers(args, dataset, out, preset, device) if any(kd_settings)
@@ -362,9 +373,9 @@ def main(argv: list[str] | None = None) -> int:
             from facekd import table
 
             rows = result_rows(student=args.student, run=run_name, kd=label, model=result["student"],
-                               metrics=metrics, artifact=run_dir / "model.onnx", command=command)
+                               metrics=metrics, artifact=run_dir / "model.onnx", command=command, notes=notes)
             if rows:
-                table.upsert_rows(rows, args.results or table.DEFAULT_PATH)
+                table.upsert_rows(rows, args.results)
         accs = ", ".join(f"{k} accuracy {v['accuracy']:.4f}" for k, v in (metrics.get("val") or {}).items())
         summary.append(f"  kd={label:<22} {accs or 'no validation set'}  -> {run_dir}")
     infos = [info for _, info in teacher_info.get("members", [])] or [teacher_info]
@@ -373,9 +384,9 @@ def main(argv: list[str] | None = None) -> int:
             from facekd import table
             from teachers.cache import teacher_rows
 
-            rows = teacher_rows(cache.manifest)
+            rows = [{**row, "notes": notes} for row in teacher_rows(cache.manifest)]
             if rows:
-                table.upsert_rows(rows, args.results or table.DEFAULT_PATH, stamp=False)
+                table.upsert_rows(rows, args.results, stamp=False)
     if _rank() == 0:
         print("distillation done:\n" + "\n".join(summary))
     import torch.distributed as dist

@@ -19,6 +19,8 @@ budget); `make_config(..., num_images=N)` replaces them by the epoch counts.
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from facekd.io import check_choice
@@ -38,6 +40,34 @@ PRESETS: dict[str, dict[str, Any]] = {
             "ckpt_every": 1000, "eval_every": 2000, "log_every": 50},
 }
 PRESET_CHOICES = ("auto", *PRESETS)
+
+# A smoke run checks wiring in seconds: tiny data unless --data says otherwise, and its rows go to a table of their
+# own (marked in `notes`), never into the committed results/summary.csv.
+SMOKE_DATA = "synthfaces:tiny"
+SMOKE_NOTE = "smoke preset: a wiring check on tiny data, its accuracy means nothing"
+
+
+def default_data(preset: str, data: str | None = None) -> str:
+    """--data if given, else synthfaces:tiny for the smoke preset and the default SynthFaces for the others."""
+    return data or (SMOKE_DATA if preset == "smoke" else "synthfaces")
+
+
+def default_val(data: str) -> list[str]:
+    """The verification set that matches a SynthFaces training spec; none for other data."""
+    return [data] if data.split(":")[0] == "synthfaces" else []
+
+
+def results_path(preset: str, results: str | os.PathLike | None = None) -> Path:
+    """--results if given, else results/smoke/summary.csv for the smoke preset, else the results table."""
+    from facekd.table import DEFAULT_PATH
+
+    if results:
+        return Path(results)
+    return DEFAULT_PATH.parent / "smoke" / DEFAULT_PATH.name if preset == "smoke" else DEFAULT_PATH
+
+
+def preset_notes(preset: str) -> str:
+    return SMOKE_NOTE if preset == "smoke" else ""
 
 
 def resolve_preset(name: str | None) -> str:

@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from facekd.io import FacekdError, atomic_torch_save, atomic_write_json, atomic_write_text, fingerprint, provenance
+from facekd.io import (FacekdError, atomic_torch_save, atomic_write_json, atomic_write_text, fingerprint, provenance,
+                       run_lock)
 from facekd.models import load_state_dict_strict
 
 CHECKPOINT_FORMAT = "facekd-train-checkpoint/1"
@@ -229,7 +230,10 @@ class Trainer:
         self._stop_signal = None
         previous = self._catch_stop_signals()
         try:
-            return self._fit(resume)
+            if not self.is_main:
+                return self._fit(resume)
+            with run_lock(self.out):  # one process owns a run directory: a second --resume is refused
+                return self._fit(resume)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -368,8 +372,11 @@ class Trainer:
         if len(bad):
             row = int(bad[0])
             values = ", ".join(f"{k}={v:.6g}" for k, v in zip(names, table[row].tolist()))
+            ckpt = self.out / "checkpoint.pt"
+            last = f"the last good checkpoint is {ckpt}" if ckpt.is_file() else "no checkpoint was saved before it"
+            progress.close()  # the error line starts on a line of its own, not after the bar
             raise FacekdError(f"non-finite loss at step {self._pending[row][0]} ({values}); lower the learning "
-                              f"rate or check the data; the last good checkpoint is {self.out / 'checkpoint.pt'}")
+                              f"rate or check the data; {last}")
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         images_per_s = len(self._pending) * self.cfg.batch_size / elapsed
         means = dict(zip(names, table.mean(dim=0).tolist()))

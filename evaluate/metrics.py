@@ -45,9 +45,9 @@ ROC_POINTS = 200
 
 
 def far_key(far: float) -> str:
-    """'1e-3' for 0.001: the key under which TAR@FAR is stored."""
-    mantissa, exponent = f"{far:.0e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
+    """'1e-3' for 0.001, '1.5e-1' for 0.15 (no two targets share a key): the key under which TAR@FAR is stored."""
+    mantissa, exponent = f"{far:.12e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def pair_distances(embeddings: np.ndarray, issame: Any) -> tuple[np.ndarray, np.ndarray]:

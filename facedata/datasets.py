@@ -4,8 +4,9 @@ Bad images are never dropped silently. File-backed datasets check what is cheap 
 headers) and decode lazily; an image that fails to decode is logged, recorded in `dataset.bad_files`, and replaced
 by the next readable image of the SAME identity (so labels stay right). Once more than `max_bad_fraction` of the
 dataset (default 0.001, env `FACEKD_MAX_BAD_FRACTION`) is bad, reading stops with a FacekdError naming the first
-files. With DataLoader workers each worker counts what it saw, so the limit applies per worker (a conservative
-reading of "fraction of the dataset"). Verification sets are decoded whole on open and any bad image is an error.
+files. With DataLoader workers each worker counts what it saw and stops at its share (1/workers) of the limit, so
+all workers together never pass `max_bad_fraction`. Verification sets are decoded whole on open and any bad
+image is an error.
 
     python -m facedata.datasets SPEC [--verification] [--decode-bench N]    # size, classes, fingerprint, decode rate
 """
@@ -100,6 +101,7 @@ class _FileFaceDataset(FaceDataset):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         self.max_bad_fraction = _max_bad_fraction(max_bad_fraction)
+        self.total = len(self.labels)  # images the source holds, readable or not (the fraction's denominator)
         self.bad_files: dict[int, str] = {}
         self._by_label: dict[int, np.ndarray] | None = None
 
@@ -118,10 +120,17 @@ class _FileFaceDataset(FaceDataset):
         self._check_bad()
 
     def _check_bad(self) -> None:
-        if len(self.bad_files) > self.max_bad_fraction * max(len(self.labels), 1):
+        limit = self.max_bad_fraction * max(self.total, 1)
+        worker = torch.utils.data.get_worker_info()
+        share = ""
+        if worker is not None and worker.num_workers > 1:  # each worker sees only its own bad images
+            limit /= worker.num_workers
+            share = f", this DataLoader worker's 1/{worker.num_workers} share"
+        if len(self.bad_files) > limit:
             first = ", ".join(self._where(i) for i in list(self.bad_files)[:5])
-            raise FacekdError(f"{self.name}: {len(self.bad_files)} unreadable images of {len(self.labels)} exceed "
-                              f"max_bad_fraction={self.max_bad_fraction:g} (FACEKD_MAX_BAD_FRACTION); first: {first}")
+            raise FacekdError(f"{self.name}: {len(self.bad_files)} unreadable images of {self.total} exceed "
+                              f"max_bad_fraction={self.max_bad_fraction:g}{share} (FACEKD_MAX_BAD_FRACTION); "
+                              f"first: {first}")
 
     def image(self, i: int) -> np.ndarray:
         try:
@@ -187,7 +196,7 @@ class RecordIOFaceDataset(_FileFaceDataset):
         super().__init__(name, labels[~unreadable], fp.hexdigest()[:16], max_bad_fraction)
         self._fh: Any = None
         self._pid = -1
-        self.n_records = len(keys)
+        self.n_records = self.total = len(keys)
         for k in keys[unreadable].tolist():  # headers that do not parse: counted on open, never used
             self.bad_files[-k] = f"{self.rec} record {k}: unreadable header"
             log.warning("%s: record %d has an unreadable header; skipped", self.name, k)

@@ -250,11 +250,13 @@ def scan_recordio(rec: Path, idx: Path) -> tuple[np.ndarray, np.ndarray]:
                 raise FacekdError(f"{rec}: unreadable header record 0 ({err})") from None
         else:
             flag, label = 0, 0.0
+        if flag > 0 and len(label) == 0:
+            raise FacekdError(f"{rec}: header record 0 has flag {flag} but no label (expected the image key range)")
         keys = np.arange(1, int(label[0]), dtype=np.int64) if flag > 0 else np.flatnonzero(index >= 0)
         missing = keys[(keys >= len(index)) | (index[np.minimum(keys, len(index) - 1)] < 0)].tolist()
         if missing:
-            raise FacekdError(f"{idx}: header says images 1..{int(label[0]) - 1} but keys are missing, "
-                              f"e.g. {missing[:5]}")
+            raise FacekdError(f"{idx}: header says images 1..{int(label[0]) - 1} but {len(missing)} key(s) are "
+                              f"missing from the index, e.g. {missing[:5]}")
         labels = np.empty(len(keys), dtype=np.int64)
         for n, k in enumerate(keys.tolist()):
             fh.seek(int(index[k]))
@@ -323,12 +325,33 @@ def _numpy_bool_scalar(dtype: Any, data: Any = b"") -> np.bool_:
     return np.bool_(raw[0] != 0)
 
 
+def _bytearray(source: Any = b"", *args: Any) -> bytearray:
+    # a genuine .bin rebuilds bytearrays from their own bytes; bytearray(n) would let a tiny file ask for any size
+    if not isinstance(source, (bytes, bytearray, str)):
+        raise pickle.UnpicklingError(f"bytearray({type(source).__name__}) refused (only bytearray(bytes) is allowed)")
+    return bytearray(source, *args)
+
+
+def _check_pickle_lengths(data: bytes) -> None:
+    """Every length a pickle opcode claims must fit in the data. The C unpickler allocates a counted bytes/str
+    before reading it, so a 20-byte file claiming 2**44 bytes would end in MemoryError; pickletools reads each
+    argument and stops at the end of the data instead. With bytearray(n) refused and every list item an opcode,
+    nothing the unpickler builds is then larger than a small multiple of the file."""
+    import pickletools
+
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except ValueError as err:
+        raise pickle.UnpicklingError(str(err)) from None
+
+
 _ALLOWED_GLOBALS = {
     ("_codecs", "encode"): _latin1_encode,
     ("numpy", "dtype"): _numpy_bool_dtype,
     ("numpy.core.multiarray", "scalar"): _numpy_bool_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_bool_scalar,
-    ("__builtin__", "bytearray"): bytearray, ("builtins", "bytearray"): bytearray,
+    ("__builtin__", "bytearray"): _bytearray, ("builtins", "bytearray"): _bytearray,
     ("__builtin__", "bool"): bool, ("builtins", "bool"): bool,
 }
 
@@ -348,8 +371,9 @@ def load_bin_pickle(path: str | os.PathLike) -> tuple[list[bytes], list[bool]]:
     if not path.is_file():
         raise FacekdError(f"verification .bin not found: {path}")
     try:
-        with open(path, "rb") as fh:
-            obj = _BinUnpickler(fh, encoding="bytes").load()
+        data = path.read_bytes()
+        _check_pickle_lengths(data)
+        obj = _BinUnpickler(io.BytesIO(data), encoding="bytes").load()
     except pickle.UnpicklingError as err:
         raise FacekdError(f"{path}: unsafe or malformed pickle ({err}); an insightface .bin holds only "
                           f"(list of image bytes, list of bool)") from None

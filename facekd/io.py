@@ -46,6 +46,28 @@ def cli_main(main: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
+def run_lock(directory: str | os.PathLike) -> Iterator[None]:
+    """Hold `directory/.lock` while a process writes the run directory; a second process is refused at once.
+
+    An OS file lock (filelock): it goes away with the process that held it, so a crashed run never blocks --resume.
+    """
+    from filelock import FileLock, Timeout
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(directory / ".lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise FacekdError(f"{directory} is in use by another process (lock {directory / '.lock'}); wait for it to "
+                          "finish, or choose another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed over `path` in one step."""
     path = Path(path)

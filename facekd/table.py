@@ -61,10 +61,11 @@ COLUMNS: dict[str, tuple[type, str]] = {
     "git_commit": (str, "git commit of the code that wrote the row"),
     "timestamp": (str, "UTC time the row was written"),
     "command": (str, "the command that made the row"),
+    "notes": (str, "caveats, e.g. 'smoke preset: ...' on rows of a wiring check whose accuracy means nothing"),
 }
 
 # columns added after files were written: a file without them is still valid (their cells read as empty)
-ADDED_COLUMNS = ("seed", "n_seeds", "ci_low", "ci_high", "p_value", "images_seen", "wall_s")
+ADDED_COLUMNS = ("seed", "n_seeds", "ci_low", "ci_high", "p_value", "images_seen", "wall_s", "notes")
 
 __doc__ += "\n".join(f"- `{name}` ({kind.__name__}): {text}" for name, (kind, text) in COLUMNS.items())
 

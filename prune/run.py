@@ -96,12 +96,29 @@ def find_teacher_cache(dataset: Any, run_dir: Path, cache_dir: str | None, prefe
 
 
 def student_recipe(ckpt: Path) -> dict[str, Any]:
-    """The student's distillation settings (kd, margin, loss weights, ...) from its run's manifest, if recorded."""
+    """The student's distillation settings (kd, margin, loss weights, data, val...) from its run's manifest."""
     path = ckpt.parent / "manifest.json"
     if not path.is_file():
         return {}
     manifest = read_json(path, "student manifest")
-    return {**manifest.get("settings", {}), "teacher_cache": manifest.get("inputs", {}).get("teacher_cache")}
+    recipe = {**manifest.get("settings", {}), "teacher_cache": manifest.get("inputs", {}).get("teacher_cache")}
+    if not recipe.get("data") and str(manifest.get("dataset", "")).startswith("synthfaces"):
+        recipe["data"] = manifest["dataset"]  # students distilled before the spec was recorded: SynthFaces names it
+    return recipe
+
+
+def stage_sets(args: argparse.Namespace, recipe: dict[str, Any], preset: str) -> tuple[str, list[str]]:
+    """(fine-tune data, verification sets): --data/--val, else the student's own recipe, else the preset's default."""
+    from engine.presets import default_data, default_val
+
+    if args.data:
+        data = args.data
+        val = args.val if args.val is not None else default_val(data)
+    else:
+        data = recipe.get("data") or default_data(preset)
+        val = args.val if args.val is not None else (recipe.get("val") if recipe.get("val") is not None
+                                                     else default_val(data))
+    return data, list(val)
 
 
 # DistillObjective keywords that distill.run records in the student's manifest settings
@@ -153,9 +170,15 @@ def _load_student_objective(objective: nn.Module, ckpt: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True).get("objective", {})
-    except Exception:  # an unreadable resume file only costs the warm start
-        return False
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # never a silent fresh start: a damaged file beside the student is worth knowing about
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise FacekdError(f"cannot read the student's training state {path} ({reason}); restore it, or move it "
+                          "away to start the margin head from the student's embedding centres") from None
+    if not isinstance(state, dict):
+        raise FacekdError(f"{path} is not a facekd training checkpoint; move it away to start the margin head "
+                          "from the student's embedding centres")
+    state = state.get("objective", {})
     own = objective.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
         return False
@@ -316,9 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(feature+logit, none, ...); auto = the student's own recipe when "
                                                 "its teacher cache is found, else none")
     p.add_argument("--cache", help="teacher cache directory (default: runs/NAME/cache, then the default cache root)")
-    p.add_argument("--data", default="synthfaces", help="training set spec for fine-tuning (default synthfaces)")
-    p.add_argument("--val", nargs="*", default=["synthfaces"], help="verification sets (default synthfaces)")
-    p.add_argument("--preset", default="auto", help=f"training preset: {', '.join(PRESET_CHOICES)} (default auto)")
+    p.add_argument("--data", default=None, help="training set spec for fine-tuning (default: the student's own "
+                                               "training set, else synthfaces; smoke preset synthfaces:tiny)")
+    p.add_argument("--val", nargs="*", default=None, help="verification sets (default: the SynthFaces set of --data, "
+                                                          "else the student's own verification sets)")
+    p.add_argument("--preset", default="auto", choices=PRESET_CHOICES, help="training preset (default auto: gpu with "
+                                                                            "CUDA, else cpu)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help=f"fine-tune learning rate (default {FINETUNE_LR_SCALE} x the preset's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -326,18 +352,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted job in --out")
     p.add_argument("--latency-runs", type=int, default=100, help="interleaved onnxruntime runs per model "
                                                                   "(0 = skip latency)")
-    p.add_argument("--results", default=None, help="results table to update (default results/summary.csv); "
-                                                   "'none' = do not write rows")
+    p.add_argument("--results", default=None, help="results table to update (default results/summary.csv, smoke "
+                                                   "results/smoke/summary.csv); 'none' = do not write rows")
     return p
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from engine.presets import PRESETS, make_config, resolve_preset
-    from facekd.models import export_onnx, load_checkpoint, read_checkpoint_metadata
-    from prune.core import ChannelPruner, PruneConfig, search_ratio
+    from engine.presets import PRESETS, make_config, preset_notes, resolve_preset, results_path
+    from facekd.io import run_lock
+    from facekd.models import load_checkpoint, read_checkpoint_metadata
+    from prune.core import PruneConfig, search_ratio
 
+    # every flag is checked, and the target MACs resolved to a ratio, before any data is generated or read
+    target = parse_macs(args.target_macs) if args.target_macs is not None else None
+    cfg = PruneConfig(ratio=args.ratio if args.ratio is not None else 0.5, importance=args.importance,
+                      steps=args.steps, round_to=args.round_to, max_layer_ratio=args.max_layer_ratio,
+                      global_pruning=args.global_pruning)
+    if args.ratio is None:
+        cfg.ratio = min(0.5, cfg.max_layer_ratio)
+    cfg.check()
+    preset = resolve_preset(args.preset)
+    steps_per_round = (args.finetune_steps if args.finetune_steps is not None
+                       else max(1, PRESETS[preset]["steps"] // cfg.steps))
+    if steps_per_round < 0:
+        raise FacekdError(f"--finetune-steps must be >= 0, got {steps_per_round}")
+    if args.latency_runs < 0:
+        raise FacekdError(f"--latency-runs must be >= 0, got {args.latency_runs}")
+    make_config(preset, steps=max(1, steps_per_round), batch_size=args.batch_size, device=args.device,
+                lr=args.lr if args.lr is not None else FINETUNE_LR_SCALE * PRESETS[preset]["lr"], out="unused")
     ckpt = resolve_checkpoint(args.checkpoint)
     run, run_dir = run_layout(ckpt)
     out = Path(args.out) if args.out else run_dir / "pruned"
@@ -347,37 +391,47 @@ def main(argv: list[str] | None = None) -> int:
     header = read_checkpoint_metadata(ckpt)
     student = load_checkpoint(ckpt)
     channel_config(student)  # fail early, one line, for a family that cannot record pruned widths
-    cfg = PruneConfig(ratio=args.ratio if args.ratio is not None else 0.5, importance=args.importance,
-                      steps=args.steps, round_to=args.round_to, max_layer_ratio=args.max_layer_ratio,
-                      global_pruning=args.global_pruning)
-    if args.ratio is not None:
-        cfg.check()
-    else:
-        cfg.ratio = min(0.5, cfg.max_layer_ratio)
-        cfg.check()  # flags other than the ratio, before any work
-    preset = resolve_preset(args.preset)
-    steps_per_round = (args.finetune_steps if args.finetune_steps is not None
-                       else max(1, PRESETS[preset]["steps"] // cfg.steps))
-    if steps_per_round < 0:
-        raise FacekdError(f"--finetune-steps must be >= 0, got {steps_per_round}")
-
-    from facedata import open_train_set, open_verification_set
-
-    needs_data = steps_per_round > 0 or cfg.importance == "taylor"
-    dataset = open_train_set(args.data) if needs_data else None
-    val_sets = [open_verification_set(v) for v in args.val]
-    objective, kd = (build_objective(args.kd, student, dataset, ckpt=ckpt, run_dir=run_dir, cache_dir=args.cache)
-                     if dataset is not None else (None, "none"))
-
     base = {**describe(student), "embedding_dim": int(student.embedding_dim)}
-    target = parse_macs(args.target_macs) if args.target_macs is not None else None
-    grad_fn = make_grad_fn(objective, dataset) if cfg.importance == "taylor" else None
-    if target is not None:
+    # per-layer pruning's widths do not depend on the importance, so the search needs no data unless it is global
+    search_needs_data = cfg.global_pruning and cfg.importance == "taylor"
+    if target is not None and target >= base["macs"]:
+        raise FacekdError(f"--target-macs {target / 1e6:.1f}M is not below the student's {base['macs'] / 1e6:.1f}M")
+
+    def search(grad_fn) -> None:
         cfg.ratio, found = search_ratio(student, target, cfg, grad_fn=grad_fn)
         print(f"--target-macs {target / 1e6:.1f}M: ratio {cfg.ratio} gives {found / 1e6:.1f}M "
               f"({100 * (found - target) / target:+.1f}%) from {base['macs'] / 1e6:.1f}M")
+
+    if target is not None and not search_needs_data:
+        search(None)
+    data, val = stage_sets(args, student_recipe(ckpt), preset)
+    results = None if str(args.results).lower() == "none" else results_path(preset, args.results)
+    with run_lock(out):  # one process owns the output directory: a second --resume is refused
+        return _prune(args, ckpt=ckpt, run=run, run_dir=run_dir, out=out, header=header, student=student, cfg=cfg,
+                      preset=preset, steps_per_round=steps_per_round, base=base, target=target, data=data, val=val,
+                      results=results, notes=preset_notes(preset), search=search if search_needs_data else None)
+
+
+def _prune(args: argparse.Namespace, *, ckpt: Path, run: str, run_dir: Path, out: Path, header: dict[str, Any],
+           student: nn.Module, cfg: Any, preset: str, steps_per_round: int, base: dict[str, int], target: int | None,
+           data: str, val: list[str], results: Path | None, notes: str, search: Any) -> int:
+    from engine.presets import PRESETS, make_config
+    from facedata import open_train_set, open_verification_set
+    from facekd.models import export_onnx, load_checkpoint
+    from prune.bench import compare_latency
+    from prune.core import ChannelPruner
+
+    state_path = out / "rounds" / "state.json"
+    needs_data = steps_per_round > 0 or cfg.importance == "taylor"
+    dataset = open_train_set(data) if needs_data else None
+    val_sets = [open_verification_set(v) for v in val]
+    objective, kd = (build_objective(args.kd, student, dataset, ckpt=ckpt, run_dir=run_dir, cache_dir=args.cache)
+                     if dataset is not None else (None, "none"))
+    grad_fn = make_grad_fn(objective, dataset) if cfg.importance == "taylor" else None
+    if search is not None:
+        search(grad_fn)
     settings = {"prune": cfg.to_dict(), "target_macs": target, "finetune_steps_per_round": steps_per_round,
-                "kd": kd, "data": args.data if dataset is not None else None, "preset": preset,
+                "kd": kd, "data": data if dataset is not None else None, "preset": preset,
                 "lr": args.lr, "batch_size": args.batch_size}
     inputs = {"student": sha256_file(ckpt)}
     from facekd.io import fingerprint
@@ -474,12 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     final = accuracy.get("pruned_finetuned") or accuracy.get("pruned_no_finetune") or {}
     # (with several rounds and no fine-tune there is nothing else to report: the last evaluation is the model's)
     final = final or accuracy.get("pruned_before_last_finetune") or {}
-    if str(args.results).lower() != "none" and final:
-        from facekd.table import DEFAULT_PATH, upsert_rows
+    if results is not None and final:
+        from facekd.table import upsert_rows
 
         rows = results_rows(model_name=header["arch"], run=run, kd=kd, info=info, accuracy=final,
                             onnx_path=onnx_path, latency=latency, hardware=hardware)
-        upsert_rows(rows, args.results or DEFAULT_PATH)
+        upsert_rows([{**row, "notes": notes} for row in rows], results)
     return 0
 
 

@@ -285,8 +285,10 @@ def requantize_biases(model: onnx.ModelProto) -> int:
 def share_twin_weights(model: onnx.ModelProto) -> int:
     """Let each PReLU twin conv reuse its original conv's int8 weights (and int32 bias) in a QDQ model.
 
-    With per-channel symmetric scales, quantising a*W gives the same int8 values as W with scales a*s (for a > 0),
-    so the twin needs only its own scale vector: the int8 file does not grow by the rewrite. Layers with a slope
+    With per-channel symmetric scales, quantising a*W gives, in exact arithmetic, the int8 values of W with scales
+    a*s (for a > 0); in float32 a value on a rounding boundary can land one step apart, so the twin takes the
+    original's integers whenever every entry is within 1 LSB (a change of at most one quantisation step in those
+    entries) and needs only its own scale vector: the int8 file does not grow by the rewrite. Layers with a slope
     <= 0 (different integers) keep their own copy. Returns how many weight tensors are now shared.
     """
     graph = model.graph
@@ -446,7 +448,8 @@ def fuse_int8_max_qoperator(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
         remove.update({id(dqs[0]), id(dqs[1]), *(id(o) for o in outs)})
         fused += 1
     _drop_nodes(graph, remove)
-    # twins share the original's int8 weights and int32 bias when they are the same integers (slopes > 0)
+    # twins share the original's int8 weights and int32 bias when they are within 1 LSB of them everywhere (slopes
+    # > 0: the same integers up to float32 rounding of a*W); a shared entry moves by at most one quantisation step
     by_name = {n.name: n for n in graph.node}
     inits = {t.name: t for t in graph.initializer}
     for twin in graph.node:

@@ -19,6 +19,7 @@ Adds (QLinearAdd) and avoids float fallbacks with uint8 activations; `--activati
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import tempfile
@@ -55,6 +56,24 @@ def read_preprocessing(path: str | Path) -> dict[str, Any]:
             if "preprocessing" in meta:
                 return check_preprocessing(meta["preprocessing"])
     return dict(INSIGHTFACE_PREPROCESSING)
+
+
+QUANTIZED_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QuantizeLinear", "DequantizeLinear")
+
+
+def check_not_quantized(path: str | Path) -> None:
+    """Refuse an ONNX model that is already quantised (its float model is what to quantise)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FacekdError(f"{path} is not a valid ONNX model: {reason}") from None
+    ops = sorted({n.op_type for n in proto.graph.node if n.op_type in QUANTIZED_OPS})
+    if ops or any(p.key == ONNX_METADATA_KEY and '"quantization"' in p.value for p in proto.metadata_props):
+        raise FacekdError(f"{path} is already quantised ({', '.join(ops) or 'facekd quantization metadata'}); "
+                          "quantise its float model (the pruned or student model.onnx / model.safetensors) instead")
 
 
 def _load_onnx(path: Path):
@@ -129,14 +148,17 @@ def quantize_onnx(src: str | Path, dst: str | Path, calib_images: np.ndarray, *,
     check_choice(method, METHODS[:-1], "--method")
     check_choice(fmt, FORMATS, "--format")
     check_choice(activations, ACTIVATIONS, "--activations")
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     original = _load_onnx(src)
+    check_not_quantized(src)
     calib_images = check_images(calib_images, "calibration images")
     preprocessing = preprocessing or read_preprocessing(src)
     info: dict[str, Any] = {"method": method, "per_channel": per_channel, "format": fmt, "activations": activations,
                             "weights": "s8 symmetric" + (" per-channel" if per_channel else " per-tensor"),
                             "rewrite_prelu": rewrite_prelu, "calibration_images": int(len(calib_images))}
-    with tempfile.TemporaryDirectory(prefix="facekd-ptq-") as tmp:
+    # onnxruntime's symbolic shape inference and external-data paths write helper files (sym_shape_infer_temp.onnx,
+    # <uuid>.data) into the working directory: run them inside the temporary directory
+    with tempfile.TemporaryDirectory(prefix="facekd-ptq-") as tmp, contextlib.chdir(tmp):
         pre_path = Path(tmp) / "pre.onnx"
         try:
             quant_pre_process(str(src), str(pre_path), skip_symbolic_shape=False)
@@ -381,7 +403,7 @@ def results_rows(report: dict[str, Any], *, arch: str, run: str, int8_path: Path
 
     lat = report.get("latency") or {}
     host = lat.get("host") or {}
-    cpu = f"{host.get('cpu', '')} x{host.get('cores', '')} {host.get('arch', '')}".strip() if host else None
+    cpu = f"{host.get('cpu', '')} x{host.get('cores', '')} ({host.get('arch', '')})" if host else None  # as latency
     metrics = report["metrics"]["int8"]
     return [model_row("int8", arch, run, dataset=report["dataset"], metrics=metrics, kd="",
                       params=params, macs=macs, file_bytes=report["file_bytes"]["int8"],
@@ -507,13 +529,20 @@ def format_table(rows: list[dict[str, Any]], dataset: str | None, runs: int) -> 
 # ----------------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.presets import PRESET_CHOICES
+
     p = argparse.ArgumentParser(prog="python -m quantize.ptq", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="facekd checkpoint (.safetensors; exported to ONNX first) or an ONNX model")
     p.add_argument("--arch", help="architecture for checkpoints without facekd metadata")
-    p.add_argument("--calib", default="synthfaces",
+    p.add_argument("--calib", default=None,
                    help="calibration images: synthfaces[:small|:tiny] (train split), an image folder of aligned "
-                        "112x112 RGB crops, a .bin, a .npy, or bnstats (data-free; needs a facekd checkpoint)")
-    p.add_argument("--num-calib", type=int, default=512, help="number of calibration images (default 512)")
+                        "112x112 RGB crops, a .bin, a .npy, or bnstats (data-free; needs a facekd checkpoint); "
+                        "default synthfaces, with --preset smoke synthfaces:tiny")
+    p.add_argument("--num-calib", type=int, default=None, help="number of calibration images (default 512; "
+                                                                "smoke 64)")
+    p.add_argument("--preset", default="auto", choices=PRESET_CHOICES,
+                   help="smoke: tiny calibration and evaluation data, 64 images, rows to results/smoke/summary.csv "
+                        "marked as smoke; the others change nothing here")
     p.add_argument("--method", default="minmax", help=f"calibration method: {', '.join(METHODS)} (default minmax)")
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
                    help="per-channel weight scales (default on)")
@@ -526,8 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-float", nargs="*", default=[],
                    help="node names (or 'first' / 'last' weighted layer) left in float")
     p.add_argument("--bnstats-steps", type=int, default=200, help="optimisation steps per bnstats batch")
-    p.add_argument("--eval", default="synthfaces", help="verification set for the fidelity report "
-                   "(default synthfaces; 'none' skips it)")
+    p.add_argument("--eval", default=None, help="verification set for the fidelity report "
+                   "(default synthfaces, smoke synthfaces:tiny; 'none' skips it)")
     p.add_argument("--runs", type=int, default=100, help="timed runs per model for the latency ratio (0 skips)")
     p.add_argument("--no-profile", action="store_true", help="skip the per-op onnxruntime profile")
     p.add_argument("--compare", action="store_true", help="also print the quantisation-options table "
@@ -535,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: <model dir>/../int8 for runs/NAME/STAGE/, "
                    "else <model dir>/int8)")
     p.add_argument("--run", help="run name for results/summary.csv (default from runs/NAME/...)")
-    p.add_argument("--results", default="results/summary.csv", help="results table ('none' skips)")
+    p.add_argument("--results", default=None, help="results table (default results/summary.csv, smoke "
+                                                   "results/smoke/summary.csv; 'none' skips)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -562,6 +592,14 @@ def calibration_images(spec: str, num: int, *, torch_model: Any, seed: int = 0, 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from engine.presets import default_data, preset_notes, resolve_preset, results_path
+
+    preset = resolve_preset(args.preset)
+    args.calib = args.calib or default_data(preset)
+    args.eval = args.eval or default_data(preset)
+    args.num_calib = args.num_calib if args.num_calib is not None else (64 if preset == "smoke" else 512)
+    if str(args.results).lower() != "none":
+        args.results = str(results_path(preset, args.results))
     check_choice(args.method, METHODS, "--method")
     check_choice(args.format, FORMATS, "--format")
     check_choice(args.activations, ACTIVATIONS, "--activations")
@@ -573,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.calib == "bnstats" and model.suffix.lower() == ".onnx":
         raise FacekdError("--calib bnstats needs a facekd checkpoint (BatchNorm statistics live there); a plain "
                           "ONNX model has them folded away. Pass the .safetensors checkpoint instead")
+    if model.suffix.lower() == ".onnx":
+        check_not_quantized(model)
     out = Path(args.out) if args.out else (model.parent.parent / "int8" if "runs" in model.resolve().parts
                                            else model.parent / "int8")
     out.mkdir(parents=True, exist_ok=True)
@@ -602,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out / 'fidelity.json'}")
     write_manifest(out, "int8", {k: v for k, v in vars(args).items() if k not in ("out",)},
                    inputs={"model": str(model)}, fidelity=report.get("cosine"))
-    if vset is not None and args.results != "none":
+    if vset is not None and str(args.results).lower() != "none":
         arch = (torch_model is not None and getattr(torch_model, "arch", None)) or _arch_of(fp32)
         float_model = torch_model if torch_model is not None else _float_model_on_meta(fp32)
         params = macs = dim = None
@@ -610,8 +650,9 @@ def main(argv: list[str] | None = None) -> int:
             from facekd.models import count_macs, count_params
             params, macs = count_params(float_model), count_macs(float_model)
             dim = getattr(float_model, "embedding_dim", None)
-        _write_results(results_rows(report, arch=arch, run=args.run or _run_name(model), int8_path=int8,
-                                    params=params, macs=macs, embedding_dim=dim), args.results)
+        rows = results_rows(report, arch=arch, run=args.run or _run_name(model), int8_path=int8, params=params,
+                            macs=macs, embedding_dim=dim)
+        _write_results([{**row, "notes": preset_notes(preset)} for row in rows], args.results)
     if args.compare:
         compare(fp32, images, vset, runs=args.runs)
     return 0

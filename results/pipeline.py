@@ -1,7 +1,8 @@
 """The whole pipeline in one command: distill -> prune -> quantize -> latency -> report.
 
     python -m results.pipeline                       # embedded default (SynthFaces), SFace teacher, auto preset
-    python -m results.pipeline --preset smoke        # a couple of minutes: tiny data, a few steps each
+    python -m results.pipeline --preset smoke        # a couple of minutes: tiny data, a few steps each; rows and
+                                                     # plots go to results/smoke/, marked as smoke (not results)
     python -m results.pipeline --teacher r100 --teacher-weights backbone.pth   # your own insightface r100
 
 The default teacher is SFace (OpenCV's pretrained recogniser): its knowledge of the default SynthFaces training set
@@ -24,20 +25,22 @@ from facekd import table
 from facekd.io import FacekdError, atomic_write_json, cli_main, fingerprint, read_json
 
 STEPS = ("distill", "prune", "quantize", "latency", "report")
-SMOKE_DATA = "synthfaces:tiny"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.presets import PRESET_CHOICES
+
     p = argparse.ArgumentParser(prog="python -m results.pipeline", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=None, help="run name under runs/ (default: pipeline-PRESET)")
     p.add_argument("--runs", type=Path, default=Path("runs"), help="parent folder of run directories")
-    p.add_argument("--preset", default="auto", help="training preset: auto | smoke | cpu | gpu")
+    p.add_argument("--preset", default="auto", choices=PRESET_CHOICES,
+                   help="training preset (smoke: tiny data, results to results/smoke/, accuracy meaningless)")
     p.add_argument("--teacher", default="sface", help="teacher: sface (default; cache shipped for SynthFaces), r18..r200 "
                    "(with --teacher-weights), onnx:PATH, or any registry name")
     p.add_argument("--teacher-weights", help="teacher checkpoint (facekd .safetensors or insightface backbone.pth)")
     p.add_argument("--student", default="mobilefacenet", help="student registry name")
-    p.add_argument("--data", default=None, help=f"training set (default synthfaces; smoke: {SMOKE_DATA})")
+    p.add_argument("--data", default=None, help="training set (default synthfaces; smoke: synthfaces:tiny)")
     p.add_argument("--val", nargs="*", default=None, help="verification sets (default: the SynthFaces set of --data)")
     p.add_argument("--kd", default="feature+logit", help="distillation losses (see distill.run --kd)")
     p.add_argument("--target-macs-ratio", type=float, default=0.7,
@@ -45,19 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=None, help="int8 calibration data (default: --data; or bnstats)")
     p.add_argument("--arm", choices=("auto", "on", "off"), default="auto",
                    help="count emulated ARM instructions (auto: when `evaluate.latency --arm-setup` was run)")
-    p.add_argument("--results", type=Path, default=table.DEFAULT_PATH, help="results table")
+    p.add_argument("--results", type=Path, default=None, help="results table (default results/summary.csv; smoke: "
+                                                              "results/smoke/summary.csv)")
     p.add_argument("--steps", type=int, help="override the preset's training steps (distill and fine-tune)")
     return p
 
 
 def _resolved(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.presets import resolve_preset
+    from engine.presets import default_data, default_val, resolve_preset
 
     preset = resolve_preset(args.preset)
-    data = args.data or (SMOKE_DATA if preset == "smoke" else "synthfaces")
+    data = default_data(preset, args.data)
     return {"preset": preset, "teacher": args.teacher, "teacher_weights": args.teacher_weights,
-            "student": args.student, "data": data,
-            "val": args.val if args.val is not None else ([data] if data.startswith("synthfaces") else []),
+            "student": args.student, "data": data, "val": args.val if args.val is not None else default_val(data),
             "kd": args.kd, "target_macs_ratio": args.target_macs_ratio, "calib": args.calib or data,
             "steps": args.steps}
 
@@ -113,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.target_macs_ratio < 1:
         raise FacekdError(f"--target-macs-ratio must be in (0, 1), got {args.target_macs_ratio}")
     s = _resolved(args)
+    from engine.presets import results_path
+
+    args.results = results_path(s["preset"], args.results)
     run_dir = args.runs / (args.run or f"pipeline-{s['preset']}")
     pipeline = Pipeline(run_dir, s)
     student, pruned, int8 = run_dir / "student", run_dir / "pruned", run_dir / "int8"
@@ -144,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_set = s["val"][0] if s["val"] else s["data"]
         num_calib = "64" if s["preset"] == "smoke" else "512"
         quantize.ptq.main([str(pruned / "model.onnx"), "--calib", s["calib"], "--num-calib", num_calib,
-                           "--eval", eval_set, "--out", str(int8), "--run", run_dir.name, *results_flag])
+                           "--eval", eval_set, "--out", str(int8), "--run", run_dir.name, "--preset", s["preset"],
+                           *results_flag])
 
     def run_latency() -> None:
         models = [student / "model.onnx", pruned / "model.onnx", int8 / "model_int8.onnx"]

@@ -23,10 +23,9 @@ STAGE_COLOURS = {"teacher": "tab:purple", "student": "tab:blue", "pruned": "tab:
 
 
 def _label(row: Any) -> str:
-    parts = [str(row["model"])]
-    if _text(row["kd"]):
-        parts.append(f"kd={row['kd']}")
-    return " ".join(parts) + f" [{row['stage']}]"
+    """The variant a point or bar stands for: stage, model, KD recipe and run (two int8 models differ by run)."""
+    kd = f", KD {row['kd']}" if _text(row["kd"]) and row["kd"] != "none" else (", no KD" if _text(row["kd"]) else "")
+    return f"{row['stage']}: {row['model']}{kd} ({row['run']})"
 
 
 def _text(value: Any) -> str:
@@ -46,14 +45,18 @@ def render_markdown(frame) -> str:
              "dataset and is not comparable to LFW. Literature rows are quoted from their source, not measured here.",
              "Host latency: onnxruntime, batch 1, 1 thread, on the CPU named in `host_cpu`. ARM columns count "
              "aarch64 instructions per inference under QEMU (instructions, not time).", ""]
+    notes = bool(frame["notes"].fillna("").str.len().any())  # the column only when some row has a note
+    if frame["notes"].fillna("").str.startswith("smoke").any():
+        lines += ["**Rows noted `smoke preset` come from a wiring check on tiny data: their accuracy means nothing.**",
+                  ""]
     cpus = sorted({c for c in frame["host_cpu"].dropna() if c})
     if cpus:
         lines += ["Host CPU: " + "; ".join(cpus), ""]
     for dataset, group in frame.groupby("dataset", sort=False):
         lines += [f"## {dataset}", "",
                   "| stage | model | run | kd | params (M) | MACs (M) | size (MB) | accuracy (%) | TAR@FAR=1e-3 (%) "
-                  "| host ms | ARM instr a53 / a72 / a76 (M) | trained on | source |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| host ms | ARM instr a53 / a72 / a76 (M) | trained on | source |" + (" notes |" if notes else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if notes else "")]
         for _, row in group.iterrows():
             acc = _fmt(row["accuracy"], 0.01)
             if acc and _text(row["std"]):
@@ -63,7 +66,8 @@ def render_markdown(frame) -> str:
                 str(row["stage"]), str(row["model"]), str(row["run"]), _text(row["kd"]),
                 _fmt(row["params"], 1e6, 3), _fmt(row["macs"], 1e6, 1), _fmt(row["file_mb"], 1, 3), acc,
                 _fmt(row["tar_at_far_1e3"], 0.01), _fmt(row["host_latency_ms"], 1, 2),
-                arm if arm != "– / – / –" else "", _text(row["hardware"]), _text(row["source"])]) + " |")
+                arm if arm != "– / – / –" else "", _text(row["hardware"]), _text(row["source"]),
+                *([_text(row["notes"])] if notes else [])]) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -78,38 +82,77 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
+def _spread(values: list[float], gap: float, high: float) -> list[float]:
+    """Label positions near `values`, in the same order, at least `gap` apart and not above `high`."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    placed = list(values)
+    for below, i in zip(order, order[1:]):  # upwards: each label at least a line above the one below it
+        placed[i] = max(placed[i], placed[below] + gap)
+    ceiling = high
+    for i in reversed(order):  # then down from the top edge, where the stack overflowed it
+        placed[i] = min(placed[i], ceiling)
+        ceiling = placed[i] - gap
+    return placed
+
+
 def plot_accuracy_vs_size(frame, path: Path) -> Path | None:
+    """One panel per evaluation set, stacked; each point's label sits in a column right of the axes, one label
+    per line (joined to its point by a thin line), so labels of models of the same size never overlap."""
     import matplotlib.pyplot as plt
 
     data = frame.dropna(subset=["accuracy", "file_mb"])
     if data.empty:
         return None
     sets = list(dict.fromkeys(data["dataset"]))
-    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 5), squeeze=False)
-    for ax, dataset in zip(axes[0], sets):
-        group = data[data["dataset"] == dataset]
-        for _, row in group.iterrows():
-            ax.scatter(row["file_mb"], 100 * row["accuracy"], color=STAGE_COLOURS.get(row["stage"], "k"),
-                       marker="*" if row["stage"] == "literature" else "o", s=80, zorder=3)
-            ax.annotate(_label(row), (row["file_mb"], 100 * row["accuracy"]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    heights = [max(3.0, 0.3 * len(data[data["dataset"] == d]) + 1.5) for d in sets]
+    fig, axes = plt.subplots(len(sets), 1, figsize=(10, sum(heights) + 1.2 * len(sets)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights, "hspace": 0.55})
+    for ax, dataset in zip(axes[:, 0], sets):
+        group = data[data["dataset"] == dataset].sort_values(["accuracy"], ascending=False)
+        sizes, accs = group["file_mb"].astype(float).to_numpy(), 100 * group["accuracy"].astype(float).to_numpy()
+        for (_, row), x, y in zip(group.iterrows(), sizes, accs):
+            ax.scatter(x, y, color=STAGE_COLOURS.get(row["stage"], "k"), s=70, zorder=3,
+                       marker="*" if row["stage"] == "literature" else "o")
         front = _pareto([(r.file_mb, 100 * r.accuracy) for r in group.itertuples() if r.stage != "literature"])
         if len(front) > 1:
-            ax.plot(*zip(*front), "--", color="black", lw=1, label="Pareto front (measured)")
-        ax.axvline(BASELINE_MB, color="red", ls=":", label="4.0 MB distilled baseline (Wang et al. 2017)")
+            ax.plot(*zip(*front), "--", color="black", lw=1)
+        ax.axvline(BASELINE_MB, color="red", ls=":")
         ax.set_xscale("log")
-        ax.margins(y=0.15)  # points on the frame (a lone literature row) stay visible
-        if group["file_mb"].nunique() == 1:  # one size only: give the log axis a span
-            ax.set_xlim(group["file_mb"].iloc[0] / 3, group["file_mb"].iloc[0] * 3)
-        else:
-            ax.margins(x=0.15)
+        lo, hi = min(sizes.min(), BASELINE_MB), max(sizes.max(), BASELINE_MB)
+        ax.set_xlim(lo / 1.6, hi * 1.6)
+        ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256) if lo / 1.6 <= t <= hi * 1.6]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        span = max(accs.max() - accs.min(), 2.0)
+        ax.set_ylim(accs.min() - 0.15 * span, accs.max() + 0.15 * span)
         ax.set_xlabel("deployable file size (MB, log scale)")
-        ax.set_ylabel(f"verification accuracy on {dataset} (%)")
-        ax.set_title(f"accuracy vs size — {dataset}")
+        ax.set_ylabel(f"accuracy on {dataset} (%)")
+        ax.set_title(f"verification accuracy vs file size — {dataset}", fontsize=11)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        # labels in a column right of the axes, in axes-fraction y, spread one text line apart
+        y0, y1 = ax.get_ylim()
+        frac = [(y - y0) / (y1 - y0) for y in accs]
+        line = 1.25 * 8 / 72 / (fig.get_figheight() * ax.get_position().height)  # one 8-pt line, axes fraction
+        for (_, row), x, y, ty in zip(group.iterrows(), sizes, accs, _spread(frac, line, 1.0)):
+            ax.annotate(f"{_label(row)}: {y:.2f}%", xy=(x, y), xycoords="data", xytext=(1.03, ty),
+                        textcoords="axes fraction", fontsize=8, va="center", annotation_clip=False,
+                        color=STAGE_COLOURS.get(row["stage"], "k"), zorder=1,
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.75", "shrinkA": 0, "shrinkB": 5})
+    # one legend for all panels, above them: inside an axes it would hide points
+    handles = [Line2D([], [], ls="", marker="o", color=c, label=stage) for stage, c in STAGE_COLOURS.items()
+               if stage != "literature" and stage in set(data["stage"])]
+    handles += [Line2D([], [], ls="", marker="*", markersize=10, color=STAGE_COLOURS["literature"],
+                       label="literature (quoted)"),
+                Line2D([], [], ls="--", color="black", lw=1, label="Pareto front (measured)"),
+                Line2D([], [], ls=":", color="red", label="4.0 MB distilled baseline (Wang et al. 2017)")]
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, axes[0, 0].get_position().y1 + 0.01),
+               ncol=4, fontsize=8, frameon=False)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -119,48 +162,66 @@ def _per_model(frame, column: str):
     return data.drop_duplicates(subset=["stage", "model", "run"])
 
 
-def plot_latency(frame, path: Path) -> Path | None:
-    import matplotlib.pyplot as plt
+def _cpu_name(text: Any) -> str:
+    """One spelling per CPU: 'Xeon x2 (x86_64)' and 'Xeon x2 x86_64' are the same machine."""
+    return re.sub(r"\s+", " ", re.sub(r"\(([^()]*)\)\s*$", r"\1", _text(text))).strip() or "CPU not recorded"
 
-    data = _per_model(frame, "host_latency_ms")
-    if data.empty:
-        return None
-    labels = [f"{r['run']}\n{_label(r)}" for _, r in data.iterrows()]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(data)), 4.5))
-    bars = ax.bar(range(len(data)), data["host_latency_ms"], color=[STAGE_COLOURS[s] for s in data["stage"]])
-    ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks(range(len(data)), labels, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("host latency, ms (onnxruntime, batch 1, 1 thread)")
-    ax.set_title("host CPU latency per model: " + "; ".join(sorted(set(data["host_cpu"].dropna()))))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+
+def _barh_panels(groups: list[tuple[str, Any]], values, xlabel: str, path: Path, fmt: str,
+                 series: list[tuple[str, str]] | None = None) -> Path:
+    """Horizontal bars (labels stay readable whatever their length), one panel per group, stacked."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    heights = [0.45 * len(rows) * (len(series) if series else 1) ** 0.5 + 1.2 for _, rows in groups]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(10, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (title, rows) in zip(axes[:, 0], groups):
+        y = np.arange(len(rows))
+        if series:
+            width = 0.8 / len(series)
+            for i, (col, name) in enumerate(series):  # not the stage colours: here a colour is a CPU core
+                bars = ax.barh(y + (i - (len(series) - 1) / 2) * width, values(rows, col), height=width, label=name,
+                               color=("tab:gray", "tab:olive", "tab:cyan")[i % 3])
+                ax.bar_label(bars, fmt=fmt, fontsize=8, padding=2)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
+        else:
+            bars = ax.barh(y, values(rows, None), color=[STAGE_COLOURS.get(s, "k") for s in rows["stage"]])
+            ax.bar_label(bars, fmt=fmt, fontsize=8, padding=2)
+        ax.set_yticks(y, [_label(r) for _, r in rows.iterrows()], fontsize=8)
+        ax.invert_yaxis()
+        ax.margins(x=0.12)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # tight: long tick labels are never cut off
     plt.close(fig)
     return path
 
 
-def plot_arm_instructions(frame, path: Path) -> Path | None:
-    import matplotlib.pyplot as plt
-    import numpy as np
+def plot_latency(frame, path: Path) -> Path | None:
+    """One panel per host CPU: latencies measured on different machines never share an axis."""
+    data = _per_model(frame, "host_latency_ms")
+    if data.empty:
+        return None
+    data = data.assign(cpu=[_cpu_name(c) for c in data["host_cpu"]])
+    groups = [(f"host latency on {cpu} (onnxruntime, batch 1, 1 thread; median)", rows)
+              for cpu, rows in data.groupby("cpu", sort=True)]
+    return _barh_panels(groups, lambda rows, _: rows["host_latency_ms"].astype(float),
+                        "milliseconds per image (one run's models were timed side by side; across runs the "
+                        "machine's load may differ)", path, "%.2f")
 
+
+def plot_arm_instructions(frame, path: Path) -> Path | None:
     cols = ["arm_instr_a53", "arm_instr_a72", "arm_instr_a76"]
     data = frame[frame["stage"] != "literature"].dropna(subset=cols, how="all")
     data = data.drop_duplicates(subset=["stage", "model", "run"])
     if data.empty:
         return None
-    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(data)), 4.5))
-    x = np.arange(len(data))
-    for i, col in enumerate(cols):
-        values = data[col].astype("float64").to_numpy() / 1e6
-        bars = ax.bar(x + (i - 1) * 0.27, values, width=0.27, label=col.replace("arm_instr_", "cortex-"))
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(x, [f"{r['run']}\n{_label(r)}" for _, r in data.iterrows()], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("aarch64 instructions per inference (millions, QEMU)")
-    ax.set_title("emulated ARM cost (instructions, not time)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    groups = [("emulated ARM cost under QEMU user mode (instructions, not time)", data)]
+    series = [(c, c.replace("arm_instr_", "cortex-")) for c in cols]
+    return _barh_panels(groups, lambda rows, col: rows[col].astype("float64").to_numpy() / 1e6,
+                        "aarch64 instructions per inference (millions)", path, "%.1f", series)
 
 
 def _stored_roc(artifact: str, dataset: str) -> tuple[list[float], list[float]] | None:
@@ -188,6 +249,10 @@ def _stored_roc(artifact: str, dataset: str) -> tuple[list[float], list[float]] 
     return None
 
 
+def _roc_name(dataset: Any) -> str:
+    return f"roc_{re.sub(r'[^A-Za-z0-9._-]+', '_', str(dataset))}.png"  # no ':' in file names
+
+
 def plot_rocs(frame, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
@@ -212,7 +277,7 @@ def plot_rocs(frame, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
         fig.tight_layout()
-        path = out / f"roc_{re.sub(r'[^A-Za-z0-9._-]+', '_', str(dataset))}.png"  # no ':' in file names
+        path = out / _roc_name(dataset)
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
@@ -376,7 +441,12 @@ def build_report(summary: Path, out: Path) -> dict[str, Any]:
     written = [p for p in (plot_accuracy_vs_size(frame, plots / "accuracy_vs_size.png"),
                            plot_latency(frame, plots / "latency.png"),
                            plot_arm_instructions(frame, plots / "arm_instructions.png")) if p]
-    written += plot_rocs(frame, plots)
+    rocs = plot_rocs(frame, plots)
+    # ROC plots drawn earlier from run directories that are not here (a fresh clone has no runs/) stay linked
+    drawn = {p.name for p in rocs}
+    measured = dict.fromkeys(frame.loc[frame["stage"] != "literature", "dataset"].dropna())
+    kept = [plots / _roc_name(d) for d in measured if _roc_name(d) not in drawn and (plots / _roc_name(d)).is_file()]
+    written += rocs + kept
     written += [p for p in [plot_learning_curves(summary.parent / "curves", plots / "learning_curves.png")] if p]
     markdown = render_markdown(frame) + study_markdown(frame)
     if written:

@@ -20,7 +20,10 @@ class TimmFaceNet(nn.Module):
                  input_size: tuple[int, int] | list[int] = (112, 112), pretrained: bool = False,
                  pretrained_file: str | None = None, **timm_kwargs: Any):
         super().__init__()
-        import timm
+        try:
+            import timm
+        except ImportError as err:  # an optional extra: timm brings torchvision, which a CPU-only torch may lack
+            raise FacekdError(f"timm:{name} needs timm: pip install -e '.[timm]' ({err})") from None
 
         if pretrained and not pretrained_file:
             raise FacekdError(f"timm:{name}: pretrained weights are never downloaded; give a local file")

@@ -477,10 +477,15 @@ def init_distributed(device: str) -> bool:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
+    from engine.presets import PRESET_CHOICES
+
     ap = argparse.ArgumentParser(prog="python -m teachers.cache", description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", help="registry name (r18..r200, timm:NAME), onnx:PATH, sface or dlib_resnet")
     ap.add_argument("--teacher-weights", help="facekd checkpoint (.safetensors) or insightface backbone.pth")
-    ap.add_argument("--data", default="synthfaces", help="training set spec (facedata.open_train_set)")
+    ap.add_argument("--data", default=None, help="training set spec (facedata.open_train_set; default synthfaces, "
+                                                "with --preset smoke synthfaces:tiny)")
+    ap.add_argument("--preset", default="auto", choices=PRESET_CHOICES,
+                    help="smoke: tiny data by default and rows marked as smoke; other presets change nothing here")
     ap.add_argument("--out", help=f"cache directory (default {DEFAULT_ROOT}/TEACHER-DATA-KEY)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, help="DataLoader workers per rank (default: half this rank's cores, max 8)")
@@ -503,7 +508,11 @@ def main(argv: list[str] | None = None) -> int:
         raise FacekdError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         raise FacekdError(f"--workers must be >= 0, got {args.workers}")
+    from engine.presets import default_data, preset_notes, resolve_preset
     from facedata import open_train_set
+
+    preset = resolve_preset(args.preset)
+    args.data = default_data(preset, args.data)
 
     dataset = open_train_set(args.data)
     rank = int(os.environ.get("RANK", "0"))
@@ -535,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.results and val:
         from facekd.table import upsert_rows
 
-        upsert_rows(teacher_rows(cache.manifest), args.results)
+        upsert_rows([{**row, "notes": preset_notes(preset)} for row in teacher_rows(cache.manifest)], args.results)
         print(f"results: teacher row(s) -> {args.results}")
     return 0
 

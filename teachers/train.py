@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", required=True, help="registered model name (r18, r50, r100, mbf, timm:NAME, ...)")
     p.add_argument("--model-kwargs", default="{}", help="JSON of extra model arguments, e.g. '{\"num_features\": 256}'")
-    p.add_argument("--data", required=True, help="training set: synthfaces[:tiny|:small], image folder, or .rec")
+    p.add_argument("--data", default=None, help="training set: synthfaces[:tiny|:small], image folder, or .rec "
+                                               "(default synthfaces; with --preset smoke synthfaces:tiny)")
     p.add_argument("--val", nargs="*", default=None,
                    help="verification sets (default: the same synthfaces size when --data is synthfaces, else none)")
     p.add_argument("--margin", default="arcface", choices=sorted(MARGINS))
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/ARCH/teacher)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt (exactly; starts fresh when there is none)")
-    p.add_argument("--results", default=None, help="results table to upsert teacher rows into")
+    p.add_argument("--results", default=None, help="results table to upsert teacher rows into (default results/"
+                                                   "summary.csv; with --preset smoke results/smoke/summary.csv)")
     p.add_argument("--no-results", action="store_true", help="do not touch the results table")
     return p
 
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import facedata
     from engine.margin import MarginObjective, make_head
-    from engine.presets import make_config
+    from engine.presets import default_data, default_val, make_config, preset_notes, resolve_preset, results_path
     from engine.trainer import Trainer, TrainingStopped
     from facekd.models import create_model
 
@@ -85,18 +87,22 @@ def main(argv: list[str] | None = None) -> int:
         raise FacekdError("--model-kwargs must be a JSON object")
     check_head(args.head, args.sample_rate)
     out = Path(args.out or Path("runs") / args.arch.replace(":", "_").replace("/", "_") / "teacher")
+    preset = resolve_preset(args.preset)
+    config_args = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                       weight_decay=args.weight_decay, grad_clip=args.grad_clip, amp=args.amp, ema=args.ema,
+                       ckpt_every=args.ckpt_every, eval_every=args.eval_every, log_every=args.log_every,
+                       seed=args.seed, workers=args.workers, device=args.device, flip=not args.no_flip,
+                       out=str(out), arch=args.arch)
+    make_config(preset, **config_args)  # flags checked before any data
+    args.data = default_data(preset, args.data)
+    args.results = str(results_path(preset, args.results))
+    args.notes = preset_notes(preset)
     dataset = facedata.open_train_set(args.data)
-    val_specs = args.val
-    if val_specs is None:
-        val_specs = [args.data] if args.data.split(":")[0] == "synthfaces" else []
+    val_specs = args.val if args.val is not None else default_val(args.data)
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 evaluates
     val_sets = [facedata.open_verification_set(v) for v in val_specs] if is_main else []
-
-    cfg = make_config(args.preset, num_images=len(dataset), steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-                      grad_clip=args.grad_clip, amp=args.amp, ema=args.ema, ckpt_every=args.ckpt_every,
-                      eval_every=args.eval_every, log_every=args.log_every, seed=args.seed, workers=args.workers,
-                      device=args.device, flip=not args.no_flip, out=str(out), arch=args.arch)
+    # a preset counted in epochs (gpu) sets its steps from the training set's size
+    cfg = make_config(preset, num_images=len(dataset), **config_args)
     torch.manual_seed(args.seed)  # same initial weights on every rank and every run
     model = create_model(args.arch, **model_kwargs)
     head = make_head(args.head, model.embedding_dim, dataset.num_classes, margin=args.margin, s=args.s, m=args.m,
@@ -139,11 +145,11 @@ def _append_results(args: argparse.Namespace, out: Path, model, model_path: Path
     run = out.parent.name if out.name == "teacher" else out.name
     cells = {"params": sum(p.numel() for p in model.parameters()), "macs": count_macs(model.cpu()),
              "file_bytes": model_path.stat().st_size, "embedding_dim": model.embedding_dim, "kd": "none",
-             "hardware": metrics["hardware"], "artifact": str(model_path)}
+             "hardware": metrics["hardware"], "artifact": str(model_path), "notes": args.notes}
     rows = [table.model_row("teacher", args.arch, run, dataset=name, metrics=m, **cells)
             for name, m in metrics["val"].items()]
     if rows:
-        table.upsert_rows(rows, args.results or table.DEFAULT_PATH)
+        table.upsert_rows(rows, args.results)
 
 
 if __name__ == "__main__":

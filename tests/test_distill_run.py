@@ -49,7 +49,7 @@ def test_find_trained_teacher_matches_arch_and_dataset(tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_feature_logit_end_to_end(tmp_path, monkeypatch):
+def test_smoke_feature_logit_end_to_end(tmp_path, monkeypatch, capsys):
     from facekd.models import create_model, save_checkpoint
 
     monkeypatch.chdir(tmp_path)
@@ -74,8 +74,17 @@ def test_smoke_feature_logit_end_to_end(tmp_path, monkeypatch):
     rows = list(csv.DictReader(results.open()))
     assert rows and all(r["stage"] == "student" and r["kd"] == "feature+logit" for r in rows)
     assert {r["dataset"] for r in rows} == {"synthfaces:tiny"}
-    for r in rows:
-        assert 0.0 <= float(r["accuracy"]) <= 1.0 and int(r["params"]) > 0 and int(r["macs"]) > 0
+    from evaluate.verify import main as verify_main
+    from facekd.models import count_macs, count_params, load_checkpoint
+
+    model = load_checkpoint(student / "model.safetensors")
+    for r in rows:  # the row's numbers are its artifact's, re-measured independently
+        assert (int(r["params"]), int(r["macs"])) == (count_params(model), count_macs(model))
+        capsys.readouterr()
+        assert verify_main([r["artifact"], r["dataset"], "--json"]) == 0
+        printed = capsys.readouterr().out
+        again = json.loads(printed[printed.index("{\n"):])[r["dataset"]]
+        assert float(r["accuracy"]) == pytest.approx(again["accuracy"], abs=1e-9)
 
 
 def test_default_data_trains_teacher_after_printing_estimate(tmp_path, monkeypatch, capsys):
@@ -216,3 +225,51 @@ def test_two_teachers_each_get_a_cache_and_one_projection_and_ensemble_errors(tm
         with pytest.raises(SystemExit) as exc:
             run.main([*bad, "--data", "synthfaces:tiny", "--preset", "smoke", "--out", "runs/bad"])
         assert exc.value.code == 2 and message in capsys.readouterr().err
+class _KDNet(torch.nn.Module):
+    """A ~30k-parameter face model that exports to ONNX (distill.run delivers an ONNX file): seconds per run."""
+
+    def __init__(self, embedding_dim: int = 32) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.BatchNorm2d(8), nn.PReLU(8),
+                                  nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.PReLU(16),
+                                  nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16 * 7 * 7, embedding_dim))
+        self.embedding_dim, self.input_size = embedding_dim, (112, 112)
+        self.preprocessing = {"input_size": [112, 112], "channel_order": "RGB", "mean": [127.5] * 3,
+                              "std": [127.5] * 3}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_feature_kd_moves_the_student_towards_its_teacher(tmp_path, monkeypatch):
+    """Same seed, data and steps; only --kd differs. The feature-KD student ends closer (cosine) to the teacher's
+    cached embeddings than the no-KD student: a KD loss disconnected from the student fails this."""
+    import facedata
+    from facedata.transforms import normalize
+    from facekd.models import create_model, load_checkpoint, register_model, save_checkpoint
+
+    name = "distill-test-kdnet"
+    register_model(name, kind="any")(lambda **kw: _KDNet(**kw))
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(123)  # the teacher: a fixed random 32-d net of the student's own architecture
+    save_checkpoint(create_model(name), tmp_path / "teacher.safetensors")
+    common = ["--teacher", name, "--teacher-weights", str(tmp_path / "teacher.safetensors"), "--student", name,
+              "--data", "synthfaces:tiny", "--val", "--preset", "smoke", "--steps", "40", "--batch-size", "16",
+              "--workers", "0", "--no-results"]
+    assert run.main([*common, "--kd", "feature", "--out", "runs/kd"]) == 0
+    assert run.main([*common, "--kd", "none", "--out", "runs/nokd"]) == 0
+
+    train = facedata.open_train_set("synthfaces:tiny")
+    images = torch.stack([train[i][0] for i in range(len(train))])
+    teacher = np.load(tmp_path / "runs" / "kd" / "cache" / "embeddings.npy")[:, 0].astype(np.float32)  # unflipped
+
+    def cosine(run_dir: str) -> float:
+        model = load_checkpoint(tmp_path / "runs" / run_dir / "student" / "model.safetensors").eval()
+        with torch.no_grad():
+            emb = torch.nn.functional.normalize(model(normalize(images, model.preprocessing)), dim=1).numpy()
+        return float((emb * teacher).sum(1).mean())
+
+    kd, nokd = cosine("kd"), cosine("nokd")
+    # measured: 0.74 with feature KD, -0.04 without; 0.20 with the feature loss detached from the student
+    assert kd > 0.5 and kd > nokd + 0.3, (kd, nokd)

@@ -122,6 +122,35 @@ def test_tar_at_far_matches_bruteforce():
     assert 0.0 < values[0] < values[-1] < 1.0  # a real trade-off, not a degenerate 0 / 1
 
 
+def _pairs_at(distances: list[float]) -> np.ndarray:
+    """Unit 2-d embeddings whose pairs lie at exactly these squared L2 distances (|a - b|^2 = 2 - 2 cos theta)."""
+    rows = []
+    for d in distances:
+        theta = math.acos(1.0 - d / 2.0)
+        rows += [[1.0, 0.0], [math.cos(theta), math.sin(theta)]]
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("nfolds", [1, 2])
+def test_tar_at_far_by_hand(nfolds):
+    # 10 impostors at 0.1005, 0.2005, ..., 1.0005 (between grid points of the 0.001 threshold grid): the training
+    # FAR on the grid is k/10 for thresholds in (0.1k + 0.0005, 0.1(k+1) + 0.0005].
+    # - FAR 0.1: the last grid threshold with FAR <= 0.1 is 0.200, where FAR is exactly 0.1 -> threshold 0.200;
+    #   genuine pairs closer than 0.200: 0.05, 0.15 -> TAR 2/5; impostors accepted: 0.1005 -> FAR 1/10
+    # - FAR 0.12: FAR is 0.1 at 0.200 and 0.2 at 0.201 -> interpolated threshold 0.200 + 0.2 * 0.001 = 0.2002;
+    #   genuine 0.2001 now passes -> TAR 3/5; impostors accepted: 0.1005 only -> FAR 1/10
+    # - FAR 0.3: threshold 0.400 -> genuine 0.05, 0.15, 0.2001, 0.25 -> TAR 4/5; impostors 0.1005..0.3005 -> 3/10
+    # With 2 folds the set is repeated, so each training fold is the other, identical, half: the same answers.
+    impostors = [0.1 * k + 0.0005 for k in range(1, 11)]
+    genuine = [0.05, 0.15, 0.2001, 0.25, 0.6]
+    dist = genuine + impostors
+    same = np.array([True] * 5 + [False] * 10)
+    emb, same = np.tile(_pairs_at(dist), (nfolds, 1)), np.tile(same, nfolds)
+    got = verification_metrics(emb, same, nfolds=nfolds, far_targets=(0.1, 0.12, 0.3))
+    assert got["tar_at_far"] == {"1e-1": pytest.approx(0.4), "1.2e-1": pytest.approx(0.6), "3e-1": pytest.approx(0.8)}
+    assert got["far_achieved"] == {"1e-1": pytest.approx(0.1), "1.2e-1": pytest.approx(0.1), "3e-1": pytest.approx(0.3)}
+
+
 def test_auc_eer_against_reference():
     emb, same = make_pairs(200, noise=1.2, seed=3)
     got = verification_metrics(emb, same)

@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
 from evaluate.embed import load_embedder
 from facekd.io import FacekdError
 from facekd.models import create_model, export_onnx, read_onnx_metadata
-
-ort = pytest.importorskip("onnxruntime")
 
 
 def _randomise(model: torch.nn.Module) -> torch.nn.Module:
@@ -69,7 +68,6 @@ def test_onnx_teacher_wraps_an_export(tmp_path: Path) -> None:
 
 
 def test_load_embedder_kinds(tmp_path: Path) -> None:
-    pytest.importorskip("evaluate.embed")
     from facekd.models import save_checkpoint
 
     model = _randomise(create_model("mobilefacenet", embedding_dim=16))

@@ -63,3 +63,32 @@ def test_stored_roc_is_found_where_each_stage_writes_it(tmp_path: Path) -> None:
         assert report._stored_roc(str(folder / "model.onnx"), "synthfaces") == (curve["fpr"], curve["tpr"]), stage
         assert report._stored_roc(str(folder / "model.onnx"), "lfw") is None
     assert report._stored_roc(str(tmp_path / "elsewhere" / "model.onnx"), "synthfaces") is None
+
+
+def test_plots_keep_cpus_apart_and_name_each_variant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [table.model_row("int8", "mobilefacenet", run, dataset="synthfaces", metrics={"accuracy": acc},
+                            file_bytes=size, host_latency_ms=ms, host_cpu=cpu)
+            for run, acc, size, ms, cpu in [("a", 0.83, 820_000, 3.4, "Intel(R) Xeon(R) x2 (x86_64)"),
+                                            ("a-unpruned", 0.83, 1_110_000, 3.1, "Intel(R) Xeon(R) x2 x86_64"),
+                                            ("b", 0.80, 820_000, 31.6, "AMD EPYC x4 (x86_64)")]]
+    table.upsert_rows(rows, tmp_path / "summary.csv")
+    frame = table.read_table(tmp_path / "summary.csv")
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    report.plot_latency(frame, tmp_path / "latency.png")
+    [fig] = figures
+    panels = {ax.get_title().split(" (")[0]: [t.get_text() for t in ax.get_yticklabels()] for ax in fig.axes}
+    assert panels == {"host latency on AMD EPYC x4 x86_64": ["int8: mobilefacenet (b)"],
+                      "host latency on Intel(R) Xeon(R) x2 x86_64": ["int8: mobilefacenet (a)",
+                                                                    "int8: mobilefacenet (a-unpruned)"]}
+    report.plot_accuracy_vs_size(frame, tmp_path / "acc.png")
+    labels = [t.get_text() for t in figures[-1].axes[0].texts]
+    assert sorted(labels) == ["int8: mobilefacenet (a): 83.00%", "int8: mobilefacenet (a-unpruned): 83.00%",
+                              "int8: mobilefacenet (b): 80.00%"]
+    positions = sorted(t.get_position()[1] for t in figures[-1].axes[0].texts)  # equal accuracy, separate lines
+    assert min(b - a for a, b in zip(positions, positions[1:])) > 0.02

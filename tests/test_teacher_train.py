@@ -45,7 +45,7 @@ def test_teacher_training_reduces_the_loss_and_writes_its_artifacts(tmp_path: Pa
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, (first, last)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0.5 <= metrics["val"]["synthfaces:tiny"]["accuracy"] <= 1.0 and metrics["step"] == 30
+    assert metrics["step"] == 30
     manifest = json.loads((out / "manifest.json").read_text())
     import facedata
 
@@ -55,6 +55,14 @@ def test_teacher_training_reduces_the_loss_and_writes_its_artifacts(tmp_path: Pa
 
     model = load_checkpoint(out / "model.safetensors")
     assert model.arch == TINY and model.embedding_dim == 32
+    # the recorded accuracy is the saved model's, re-measured here through the PyTorch embedder
+    from evaluate.embed import TorchEmbedder
+    from evaluate.verify import evaluate_sets
+
+    again = evaluate_sets(TorchEmbedder(model.eval(), model.preprocessing), [facedata.open_verification_set(
+        "synthfaces:tiny")])["synthfaces:tiny"]
+    assert metrics["val"]["synthfaces:tiny"]["accuracy"] == pytest.approx(again["accuracy"], abs=1e-9)
+    assert metrics["val"]["synthfaces:tiny"]["accuracy"] > 0.6  # learnt something: chance is 0.5
     from facekd import table
 
     rows = table.read_rows(results)
