@@ -418,7 +418,6 @@ def _prune(args: argparse.Namespace, *, ckpt: Path, run: str, run_dir: Path, out
     from engine.presets import PRESETS, make_config
     from facedata import open_train_set, open_verification_set
     from facekd.models import export_onnx, load_checkpoint
-    from prune.bench import compare_latency
     from prune.core import ChannelPruner
 
     state_path = out / "rounds" / "state.json"

@@ -70,7 +70,7 @@ def test_rec_cut_in_half_counts_against_all_its_images(tmp_path, tiny_train, cap
     assert (ds.total, len(ds), len(ds.bad_files)) == (64, 32, 32)
     with pytest.raises(FacekdError, match=r": 32 unreadable images of 64 exceed max_bad_fraction=0.4 "):
         open_train_set(str(out), max_bad_fraction=0.4)
-    from facedata.formats import main as formats_main
+    from facedata.datasets import main as formats_main
 
     assert "32 unreadable images of 64" in _fails(formats_main, [str(out)], capsys)
 
@@ -288,6 +288,8 @@ def test_smoke_rows_go_to_their_own_table_marked_as_smoke(monkeypatch, tmp_path)
     assert preset_notes("smoke") == SMOKE_NOTE and preset_notes("cpu") == ""
     # a table written before the notes column existed still reads, its rows with empty notes
     old = tmp_path / "old.csv"
-    old.write_text(",".join(list(table.COLUMNS)[:-1]) + "\nstudent,m,r,,,,,,,synthfaces,0.5" + "," * 16 + "\n")
+    header = [c for c in table.COLUMNS if c != "notes"]
+    cells = {"stage": "student", "model": "m", "run": "r", "dataset": "synthfaces", "accuracy": "0.5"}
+    old.write_text(",".join(header) + "\n" + ",".join(cells.get(c, "") for c in header) + "\n")
     [row] = table.read_rows(old)
     assert row["notes"] == "" and row["accuracy"] == "0.5"
