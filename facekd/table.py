@@ -20,6 +20,7 @@ from facekd.io import FacekdError, atomic_write_text, provenance
 
 DEFAULT_PATH = Path(os.environ.get("FACEKD_RESULTS", "results/summary.csv"))
 
+ADDED_COLUMNS = ("target", "runtime")  # read as empty from tables written before they existed
 STAGES = ("teacher", "student", "pruned", "int8", "literature")
 KEY = ("stage", "model", "run", "dataset")
 
@@ -45,6 +46,8 @@ COLUMNS: dict[str, tuple[type, str]] = {
     "arm_instr_a53": (int, "aarch64 instructions per inference under QEMU -cpu cortex-a53 (instructions, not time)"),
     "arm_instr_a72": (int, "same, cortex-a72"),
     "arm_instr_a76": (int, "same, cortex-a76 (has the dot-product instructions int8 kernels use)"),
+    "target": (str, "core the int8 graph form was chosen for (a53, a72, a76, x86, host); empty: not chosen per target"),
+    "runtime": (str, "inference runtime of the artifact: onnxruntime or litert (empty: onnxruntime)"),
     "hardware": (str, "where accuracy-producing training ran (e.g. cpu x2, cuda NVIDIA H200) or 'literature'"),
     "source": (str, "for literature rows: the publication; otherwise empty"),
     "artifact": (str, "path of the evaluated model file; ROC data lives in its run's metrics.json"),
@@ -112,6 +115,8 @@ def _check_row(row: Mapping[str, Any], where: str) -> dict[str, str]:
 def _parse(text: str, path: Path) -> list[dict[str, str]]:
     reader = csv.DictReader(io.StringIO(text))
     header = reader.fieldnames or []
+    if [c for c in COLUMNS if c not in ADDED_COLUMNS] == header:  # a table written before these columns existed
+        header = list(COLUMNS)
     if header != list(COLUMNS):
         missing = [c for c in COLUMNS if c not in header]
         extra = [c for c in header if c not in COLUMNS]
@@ -119,6 +124,7 @@ def _parse(text: str, path: Path) -> list[dict[str, str]]:
                           "move it aside and re-run the stages")
     rows = []
     for line, row in enumerate(reader, start=2):
+        row = {**dict.fromkeys(ADDED_COLUMNS, ""), **row}
         if None in row or any(v is None for v in row.values()):
             raise FacekdError(f"{path}:{line}: wrong number of cells")
         rows.append(_check_row(row, f"{path}:{line}"))

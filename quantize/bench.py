@@ -17,32 +17,25 @@ import numpy as np
 
 from facekd.io import FacekdError, atomic_write_json, cli_main
 
-# key -> (label, quantize_onnx keyword arguments; None: a float model)
+# key -> (label, quantize_onnx keyword arguments, or {"fp32_form": FORM} for an exact float form of the model)
 VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "fp32": ("fp32 (as exported)", None),
-    "fp32-max": ("fp32 + PReLU->Max rewrite", None),
-    "qdq-s8": ("int8 QDQ S8S8 (plain PTQ, ORT defaults)", dict(activations="s8", rewrite_prelu=False, fmt="qdq")),
-    "qdq-u8": ("int8 QDQ U8S8", dict(activations="u8", rewrite_prelu=False, fmt="qdq")),
-    "qop-u8": ("int8 QOperator U8S8", dict(activations="u8", rewrite_prelu=False, fmt="qoperator")),
-    "qdq-s8-max": ("int8 QDQ S8S8 + PReLU->Max", dict(activations="s8", rewrite_prelu=True, fmt="qdq")),
-    "qdq-u8-max": ("int8 QDQ U8S8 + PReLU->Max", dict(activations="u8", rewrite_prelu=True, fmt="qdq")),
-    "qop-u8-max": ("int8 QOperator U8S8 + PReLU->Max (default)",
-                   dict(activations="u8", rewrite_prelu=True, fmt="qoperator")),
+    "fp32-relu": ("fp32, PReLU as a*x + (1-a)*Relu(x)", {"fp32_form": "relu"}),
+    "fp32-maxmul": ("fp32, PReLU as Max(x, a*x)", {"fp32_form": "maxmul"}),
+    "fp32-max": ("fp32 + PReLU->Max rewrite", {"fp32_form": "max"}),
+    "qdq-s8": ("int8 QDQ S8S8 (plain PTQ, ORT defaults)", dict(activations="s8", prelu="float", fmt="qdq")),
+    "qdq-u8": ("int8 QDQ U8S8", dict(activations="u8", prelu="float", fmt="qdq")),
+    "qop-u8": ("int8 QOperator U8S8", dict(activations="u8", prelu="float", fmt="qoperator")),
+    "qdq-s8-max": ("int8 QDQ S8S8 + PReLU->Max", dict(activations="s8", prelu="max", fmt="qdq")),
+    "qdq-u8-max": ("int8 QDQ U8S8 + PReLU->Max", dict(activations="u8", prelu="max", fmt="qdq")),
+    "qop-u8-max": ("int8 QOperator U8S8 + PReLU->Max", dict(activations="u8", prelu="max", fmt="qoperator")),
     "qop-u8-max-pt": ("int8 QOperator U8S8 + PReLU->Max, per-tensor w",
-                      dict(activations="u8", rewrite_prelu=True, fmt="qoperator", per_channel=False)),
+                      dict(activations="u8", prelu="max", fmt="qoperator", per_channel=False)),
+    "qop-u8-mulmax": ("int8 QOperator U8S8 + PReLU->Max(x,a*x) (default)",
+                      dict(activations="u8", prelu="mulmax", fmt="qoperator")),
+    "qop-s8-mulmax": ("int8 QOperator S8S8 + PReLU->Max(x,a*x)",
+                      dict(activations="s8", prelu="mulmax", fmt="qoperator")),
 }
-
-
-def _rewritten_fp32(src: Path, dst: Path) -> None:
-    import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from quantize.graph import copy_metadata, prelu_to_minmax
-
-    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
-    proto, _ = prelu_to_minmax(onnx.load(str(dst)))
-    copy_metadata(onnx.load(str(src), load_external_data=False), proto)
-    onnx.save(proto, str(dst))
 
 
 def compare(fp32: str | Path, calib_images: np.ndarray, vset: Any | None, *, runs: int = 100,
@@ -63,12 +56,14 @@ def compare(fp32: str | Path, calib_images: np.ndarray, vset: Any | None, *, run
         paths: dict[str, Path] = {}
         for i, name in enumerate(names):
             label, kwargs = VARIANTS[name]
-            if name == "fp32":
+            if kwargs is None:
                 paths[name] = fp32
                 continue
             path = Path(tmp) / f"v{i}.onnx"
-            if kwargs is None:
-                _rewritten_fp32(fp32, path)
+            if "fp32_form" in kwargs:
+                from quantize.target import write_fp32_form
+
+                write_fp32_form(fp32, path, kwargs["fp32_form"])
             else:
                 log(f"quantising: {label}")
                 quantize_onnx(fp32, path, calib_images, **kwargs)
@@ -129,8 +124,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=100, help="timed runs per variant (interleaved)")
     p.add_argument("--variants", nargs="*", help=f"subset of: {', '.join(VARIANTS)} (fp32 is always the reference)")
     p.add_argument("--out", help="also write the table as JSON here")
+    p.add_argument("--targets", help="instead of the options table: the best fp32 and int8 forms per target and the "
+                   "issue's ratios, e.g. a53,a72,a76,x86 (ARM targets count emulated instructions; see quantize.target)")
+    p.add_argument("--reference", help="with --targets: the unpruned fp32 model the int8/fp32 ratios are taken "
+                   "against (default: MODEL itself)")
     args = p.parse_args(argv)
     from quantize.ptq import calibration_images, prepare_float_model
+
+    if args.targets:
+        from quantize.target import resolve_target, target_table
+
+        targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+        for t in targets:
+            resolve_target(t)  # fail on a bad name before any work
+        if args.reference and not Path(args.reference).is_file():
+            raise FacekdError(f"--reference not found: {args.reference}")
+        with tempfile.TemporaryDirectory(prefix="facekd-qbench-") as tmp:
+            fp32, torch_model = prepare_float_model(args.model, Path(tmp), arch=args.arch)
+            (Path(tmp) / "ref").mkdir()
+            ref = prepare_float_model(args.reference, Path(tmp) / "ref", arch=args.arch)[0] if args.reference \
+                else fp32
+            images = calibration_images(args.calib, args.num_calib, torch_model=torch_model)
+            rows = target_table(fp32, ref, images, targets, runs=args.runs)
+        if args.out:
+            from evaluate.latency import system_info
+
+            atomic_write_json(args.out, {"targets": rows, "host": system_info(), "runs": args.runs})
+        return 0
 
     vset = None
     if args.eval != "none":

@@ -104,10 +104,10 @@ def test_prelu_rewrite_is_exact_in_float(tmp_path, faces):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["qoperator", "qdq"])
-def test_int8_close_to_fp32_valid_and_keeps_metadata(tmp_path, tiny_onnx, faces, fmt):
+@pytest.mark.parametrize("fmt,prelu", [("qoperator", "max"), ("qoperator", "mulmax"), ("qdq", "max")])
+def test_int8_close_to_fp32_valid_and_keeps_metadata(tmp_path, tiny_onnx, faces, fmt, prelu):
     dst = tmp_path / "int8.onnx"
-    info = quantize_onnx(tiny_onnx, dst, faces[:32], fmt=fmt)
+    info = quantize_onnx(tiny_onnx, dst, faces[:32], fmt=fmt, prelu=prelu)
     proto = onnx.load(str(dst))
     onnx.checker.check_model(proto)
     _session(dst)  # loads
@@ -120,8 +120,8 @@ def test_int8_close_to_fp32_valid_and_keeps_metadata(tmp_path, tiny_onnx, faces,
     producers = {o: n for n in proto.graph.node for o in n.output}
     maxes = [n for n in proto.graph.node if n.op_type == "Max"]
     assert len(maxes) == 5 and not any(n.op_type == "PRelu" for n in proto.graph.node)
-    eight_bit = {"qdq": "QuantizeLinear", "qoperator": "QLinearConv"}[fmt]
-    assert all(producers[i].op_type == eight_bit for n in maxes for i in n.input)
+    eight_bit = {"qdq": ("QuantizeLinear",), "qoperator": ("QLinearConv", "QLinearMul")}[fmt]
+    assert all(producers[i].op_type in eight_bit for n in maxes for i in n.input)
     # twins reuse the original int8 weights: one int8 weight tensor per original conv/linear, not per twin
     int8_tensors = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
     assert len(int8_tensors) == 8
@@ -137,7 +137,7 @@ def test_int8_close_to_fp32_valid_and_keeps_metadata(tmp_path, tiny_onnx, faces,
 
 def test_keep_float_first_layer(tmp_path, tiny_onnx, faces):
     dst = tmp_path / "int8_keep.onnx"
-    info = quantize_onnx(tiny_onnx, dst, faces[:16], keep_float=["first"])
+    info = quantize_onnx(tiny_onnx, dst, faces[:16], keep_float=["first"], prelu="max")
     assert len(info["keep_float"]) == 2  # the stem conv and its PReLU twin
     proto = onnx.load(str(dst))
     assert sum(n.op_type == "Conv" and n.name in info["keep_float"] for n in proto.graph.node) == 2
