@@ -135,3 +135,19 @@ def test_table_reads_files_written_before_target_and_runtime(tmp_path):
     table.upsert_rows([{"stage": "int8", "model": "m", "run": "m", "dataset": "m", "target": "a72"}], path)
     assert path.read_text().splitlines()[0].split(",") == list(table.COLUMNS)
     assert table.read_rows(path)[0]["target"] == "a72"
+
+
+@pytest.mark.arm
+@pytest.mark.slow
+def test_arm_target_counts_instructions_and_takes_the_cheapest(tmp_path, tiny, faces):
+    from evaluate.latency import arm_instruction_record, arm_toolchain_status
+    from quantize.target import best_int8
+
+    ok, reason = arm_toolchain_status()
+    if not ok:
+        pytest.skip(reason)
+    q = best_int8(tiny, tmp_path / "int8.onnx", faces[:24], "a72", candidates=("mulmax-u8", "max-u8"),
+                  log=lambda *_: None)
+    found = q["target"]["costs"]
+    assert q["target"]["unit"] == "instructions" and q["target"]["form"] == min(found, key=found.get)
+    assert arm_instruction_record(tmp_path / "int8.onnx", "cortex-a72")["instructions"] == found[q["target"]["form"]]
