@@ -97,9 +97,11 @@ def export_tflite(model, path: str | Path, *, calib: np.ndarray | None = None, i
     if calib is not None:
         from litert_torch.quantize import pt2e_quantizer
         from litert_torch.quantize.quant_config import QuantConfig
+
+        _AddQuantizer = _add_quantizer_class()
         from torchao.quantization.pt2e import quantize_pt2e
 
-        quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+        quantizer = _AddQuantizer().set_global(
             pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True))
         graph = torch.export.export(model, args).module()
         graph = quantize_pt2e.prepare_pt2e(graph, quantizer)
@@ -114,6 +116,30 @@ def export_tflite(model, path: str | Path, *, calib: np.ndarray | None = None, i
     with atomic_path(path) as tmp:
         edge.export(str(tmp))
     return path
+
+
+def _add_quantizer_class():
+    from litert_torch.quantize import pt2e_quantizer, pt2e_quantizer_utils as utils
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+    import torch
+
+    class AddQuantizer(pt2e_quantizer.PT2EQuantizer):
+        """PT2EQuantizer that also quantises every tensor add. Its own add annotator finds adds through
+        `source_fn_stack`, which torch.export no longer records, so residual and twin-conv adds stayed float
+        (a DEQUANTIZE/ADD/QUANTIZE island each)."""
+
+        def annotate(self, model):
+            model = super().annotate(model)
+            act, out = utils.get_input_act_qspec(self.global_config), utils.get_output_act_qspec(self.global_config)
+            for node in model.graph.nodes:
+                if node.op == "call_function" and node.target == torch.ops.aten.add.Tensor \
+                        and "quantization_annotation" not in node.meta:
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={a: act for a in node.args[:2] if isinstance(a, torch.fx.Node)},
+                        output_qspec=out, _annotated=True)
+            return model
+
+    return AddQuantizer
 
 
 def _interpreter(path: str | Path, threads: int = 1):
