@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from facekd.io import FacekdError, atomic_path
+from facekd.io import FacekdError, atomic_path, cli_main
 
 TARGETS = ("a53", "a72", "a76", "x86", "host", "auto")
 FP32_CANDIDATES = ("prelu", "relu", "maxmul")
@@ -192,3 +192,41 @@ def format_target_table(rows: list[dict[str, Any]]) -> str:
                      f"{c(r['fp32']) + ' (' + r['fp32_form'] + ')':>22s} {c(r['int8']) + ' (' + r['int8_form'] + ')':>24s} "
                      f"{r['int8_over_reference_fp32']:8.3f} {r['int8_over_own_fp32']:9.3f}")
     return "\n".join(lines)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    """`python -m quantize.target MODEL.onnx --out FAST.onnx [--target T] [--form auto|prelu|relu|maxmul]`:
+    write the fp32 deployable model in its cheapest exact PReLU form for a target (the fp32 half of --target)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m quantize.target", description=main.__doc__.split("\n")[0])
+    p.add_argument("model", help="fp32 ONNX model")
+    p.add_argument("--out", required=True, help="where to write the rewritten fp32 model")
+    p.add_argument("--target", default="auto", help=f"one of {', '.join(TARGETS)} (default auto: this machine)")
+    p.add_argument("--form", default="auto", help="auto (cheapest measured on --target) or one of "
+                                                  f"{', '.join(FP32_CANDIDATES)}")
+    p.add_argument("--runs", type=int, default=100, help="timed runs per form for host targets")
+    args = p.parse_args(argv)
+    target = resolve_target(args.target)
+    if args.form != "auto" and args.form not in FP32_CANDIDATES:
+        raise FacekdError(f"--form: unknown form {args.form!r}; choose from auto, {', '.join(FP32_CANDIDATES)}")
+    src = Path(args.model)
+    if not src.is_file() or src.suffix.lower() != ".onnx":
+        raise FacekdError(f"not an ONNX file: {src}")
+    if args.form != "auto":
+        n = write_fp32_form(src, args.out, args.form)
+        print(f"wrote {args.out}: {n} PRelu nodes as {args.form}")
+        return 0
+    from quantize.calib import load_calibration_images, preprocess
+    from quantize.ptq import read_preprocessing
+
+    x = preprocess(load_calibration_images("synthfaces:tiny", 8, seed=0), read_preprocessing(src))
+    info = best_fp32(src, args.out, x, target, runs=args.runs)
+    print(f"wrote {args.out}: fp32 PReLU form {info['form']} (max |diff| to the original "
+          f"{info['max_abs_diff'][info['form']]:.1e})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -151,3 +151,13 @@ def test_arm_target_counts_instructions_and_takes_the_cheapest(tmp_path, tiny, f
     found = q["target"]["costs"]
     assert q["target"]["unit"] == "instructions" and q["target"]["form"] == min(found, key=found.get)
     assert arm_instruction_record(tmp_path / "int8.onnx", "cortex-a72")["instructions"] == found[q["target"]["form"]]
+
+
+def test_target_cli_writes_the_fp32_form(tmp_path, tiny, capsys):
+    from quantize.target import main as target_main
+
+    assert target_main([str(tiny), "--out", str(tmp_path / "f.onnx"), "--form", "relu"]) == 0
+    assert "Relu" in [n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node]
+    with pytest.raises(SystemExit) as exc:
+        target_main([str(tiny), "--out", str(tmp_path / "g.onnx"), "--form", "nope"])
+    assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: --form: unknown form 'nope'")
