@@ -83,6 +83,33 @@ def prelu_to_twin_conv(model) -> tuple[Any, dict[str, int]]:
     return model, counts
 
 
+def prelu_to_maxmul(model) -> tuple[Any, dict[str, int]]:
+    """A copy of `model` with every nn.PReLU whose slopes are <= 1 computing maximum(x, a*x) (bit-exact): one int8
+    MUL and one int8 MAXIMUM in LiteRT, no second conv; XNNPACK does not take int8 MAXIMUM, so the graph splits
+    into one partition per PReLU."""
+    import torch
+    from torch import nn
+
+    class MaxMulPReLU(nn.Module):
+        def __init__(self, prelu: nn.PReLU) -> None:
+            super().__init__()
+            self.register_buffer("a", prelu.weight.detach().reshape(1, -1, 1, 1).clone())
+
+        def forward(self, x):
+            return torch.maximum(x, x * self.a)
+
+    model = copy.deepcopy(model).eval()
+    counts = {"rewritten": 0, "kept": 0}
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.PReLU):
+                ok = bool((child.weight <= 1).all())
+                counts["rewritten" if ok else "kept"] += 1
+                if ok:
+                    setattr(module, name, MaxMulPReLU(child))
+    return model, counts
+
+
 # ----------------------------------------------------------------------------------------------- export
 
 def export_tflite(model, path: str | Path, *, calib: np.ndarray | None = None, input_size=(112, 112)) -> Path:
@@ -120,13 +147,13 @@ def export_tflite(model, path: str | Path, *, calib: np.ndarray | None = None, i
 
 def _add_quantizer_class():
     from litert_torch.quantize import pt2e_quantizer, pt2e_quantizer_utils as utils
-    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
     import torch
 
     class AddQuantizer(pt2e_quantizer.PT2EQuantizer):
-        """PT2EQuantizer that also quantises every tensor add. Its own add annotator finds adds through
-        `source_fn_stack`, which torch.export no longer records, so residual and twin-conv adds stayed float
-        (a DEQUANTIZE/ADD/QUANTIZE island each)."""
+        """PT2EQuantizer that also quantises every tensor add, and maximum(x, x*a) with x, x*a and the result on
+        one scale. Its own add/mul annotators find ops through `source_fn_stack`, which torch.export no longer
+        records, so residual and twin-conv adds stayed float (a DEQUANTIZE/ADD/QUANTIZE island each)."""
 
         def annotate(self, model):
             model = super().annotate(model)
@@ -137,6 +164,13 @@ def _add_quantizer_class():
                     node.meta["quantization_annotation"] = QuantizationAnnotation(
                         input_qspec_map={a: act for a in node.args[:2] if isinstance(a, torch.fx.Node)},
                         output_qspec=out, _annotated=True)
+                if node.op == "call_function" and node.target == torch.ops.aten.maximum.default:
+                    x, mul = node.args
+                    shared = SharedQuantizationSpec(x)
+                    mul.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={x: act, mul.args[1]: act}, output_qspec=shared, _annotated=True)
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={x: act, mul: shared}, output_qspec=shared, _annotated=True)
             return model
 
     return AddQuantizer
@@ -215,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-calib", type=int, default=256)
     p.add_argument("--eval", default="synthfaces", help="verification set for the fidelity report ('none' skips)")
     p.add_argument("--runs", type=int, default=100, help="timed runs per model, interleaved (0 skips)")
+    p.add_argument("--prelu", default="twin", choices=("twin", "maxmul"),
+                   help="int8 PReLU form: twin (default: conv(a*W) + Relu(conv((1-a)*W)), one XNNPACK partition) or "
+                        "maxmul (maximum(x, a*x): no second conv, but int8 MAXIMUM runs outside XNNPACK)")
     p.add_argument("--out", help="output directory (default <model dir>/../litert)")
     p.add_argument("--run", help="run name for the results table (default from runs/NAME/...); rows get '-litert'")
     p.add_argument("--results", default="results/summary.csv", help="results table ('none' skips)")
@@ -241,14 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     torch_model = load_checkpoint(model_path, arch=args.arch).eval()
     pre = torch_model.preprocessing
     images = calibration_images(args.calib, args.num_calib, torch_model=torch_model)
-    twin, counts = prelu_to_twin_conv(torch_model)
+    twin, counts = (prelu_to_twin_conv if args.prelu == "twin" else prelu_to_maxmul)(torch_model)
     x = preprocess(images, pre)
     fp32, int8 = out / "model_fp32.tflite", out / "model_int8.tflite"
     t0 = time.perf_counter()
     export_tflite(torch_model, fp32, input_size=tuple(torch_model.input_size))
     export_tflite(twin, int8, calib=x, input_size=tuple(torch_model.input_size))
     print(f"converted {model_path.name} -> {fp32.name}, {int8.name} in {time.perf_counter() - t0:.0f} s "
-          f"(PReLU as twin conv: {counts['rewritten']}, kept: {counts['kept']})")
+          f"(PReLU as {args.prelu}: {counts['rewritten']}, kept: {counts['kept']})")
     import torch
 
     with torch.no_grad():
@@ -257,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     emb = {k: TfliteEmbedder(path, pre, dim) for k, path in (("fp32", fp32), ("int8", int8))}
     parity = float(np.abs(emb["fp32"].embed_float(x[:8]) - ref).max())
     report: dict[str, Any] = {
-        "fp32": str(fp32), "int8": str(int8), "runtime": "litert", "prelu": counts, "fp32_parity_max_abs": parity,
+        "fp32": str(fp32), "int8": str(int8), "runtime": "litert", "prelu": {"form": args.prelu, **counts}, "fp32_parity_max_abs": parity,
         "ops": {"fp32": op_histogram(fp32), "int8": op_histogram(int8)},
         "file_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}, "provenance": provenance()}
     report["float_islands"] = sum(report["ops"]["int8"].get(k, 0) for k in ("DEQUANTIZE", "QUANTIZE"))
@@ -306,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
 def format_report(r: dict[str, Any]) -> str:
     lines = [f"LiteRT: fp32 parity with PyTorch {r['fp32_parity_max_abs']:.1e}; int8 ops "
              + ", ".join(f"{k} {v}" for k, v in r["ops"]["int8"].items())
-             + f" ({r['float_islands']} QUANTIZE/DEQUANTIZE)",
+             + f" ({r['float_islands']} QUANTIZE/DEQUANTIZE, {r['ops']['int8'].get('DELEGATE', 0)} XNNPACK partitions)",
              f"  file: fp32 {r['file_bytes']['fp32'] / 1e6:.3f} MB  int8 {r['file_bytes']['int8'] / 1e6:.3f} MB"]
     if "cosine" in r:
         m = r["metrics"]

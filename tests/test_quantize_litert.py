@@ -58,3 +58,24 @@ def test_tflite_fp32_parity_and_int8_one_partition(tmp_path):
     assert ops["DELEGATE"] == 1 and ops["CONV_2D"] == 7  # one XNNPACK partition, twin convs
     assert not {"PRELU", "MUL", "DEQUANTIZE", "QUANTIZE"} & set(ops)  # no float island left
     assert all(ms > 0 for ms in measure_tflite_latency([fp32, int8], runs=3, warmup=1))
+
+
+@needs_litert
+@pytest.mark.slow
+def test_maxmul_form_is_int8_with_one_maximum_per_prelu(tmp_path):
+    from quantize.litert import TfliteEmbedder, export_tflite, op_histogram, prelu_to_maxmul
+
+    x = preprocess(load_calibration_images("synthfaces:tiny", 24, seed=0), PRE)
+    model = TinyFaceNet().eval()
+    mm, counts = prelu_to_maxmul(model)
+    assert counts == {"rewritten": 5, "kept": 0}
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x[16:])).numpy()
+        assert np.array_equal(mm(torch.from_numpy(x[16:])).numpy(), ref)  # bit-exact in float
+    int8 = export_tflite(mm, tmp_path / "int8.tflite", calib=x[:16])
+    ops = op_histogram(int8)
+    assert ops["MAXIMUM"] == 5 and ops["MUL"] == 5 and ops["CONV_2D"] == 4
+    assert not {"PRELU", "DEQUANTIZE", "QUANTIZE"} & set(ops)
+    got = TfliteEmbedder(int8, PRE, 16).embed_float(x[16:])
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.98, cos
