@@ -236,7 +236,8 @@ def test_bench_table_side_by_side(tiny_onnx, faces, tmp_path):
     rows = compare(tiny_onnx, faces[:16], None, runs=3, variants=["qop-u8-max", "fp32-max"], log=lines.append,
                    out=tmp_path / "bench.json")
     assert [r["key"] for r in rows] == ["fp32", "qop-u8-max", "fp32-max"]  # fp32 reference always first
-    assert rows[0]["latency_ratio"] == 1.0 and all(r["latency_ms"] > 0 for r in rows)
+    assert all(r["latency_ms"] > 0 for r in rows)  # ratios are against the fastest fp32 form timed
+    assert min(rows[0]["latency_ratio"], rows[2]["latency_ratio"]) == 1.0
     assert rows[1]["size_ratio"] < 0.8 and "QLinearConv" in rows[1]["top_ops"] and "PRelu" not in rows[1]["top_ops"]
     assert "PRelu" in rows[0]["top_ops"] and "PRelu" not in rows[2]["top_ops"]
     assert any(line.startswith("fp32 + PReLU->Max rewrite") for line in lines[-1].splitlines())
