@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", default=None, metavar="CSV",
                         help="write the 1-thread latency / instruction columns into this results table, on the "
                              "rows whose artifact is the model path")
+    parser.add_argument("--device", help="measure on a real device instead: ssh://user@host[:port] or adb:SERIAL "
+                                         "(evaluate.remote; .onnx or .tflite files)")
     args = parser.parse_args(argv)
     cpus = [c.strip() for c in args.arm_cpus.split(",") if c.strip()]
     for cpu in cpus:
@@ -258,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     if not args.models:
         parser.error("give at least one MODEL (or --arm-setup)")
+    if args.device:
+        from evaluate.remote import run_cli
+        return run_cli(args.models, args.device, threads=threads, runs=args.runs, warmup=args.warmup,
+                       table=args.table, as_json=args.json)
     with tempfile.TemporaryDirectory(prefix="facekd-latency-") as workdir:
         onnx_of = _resolve_models(args.models, Path(workdir), random_weights=args.random_weights)
         rows = measure_latency(list(onnx_of.values()), threads=threads, runs=args.runs, warmup=args.warmup)

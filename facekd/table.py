@@ -54,6 +54,8 @@ COLUMNS: dict[str, tuple[type, str]] = {
     "arm_instr_a53": (int, "aarch64 instructions per inference under QEMU -cpu cortex-a53 (instructions, not time)"),
     "arm_instr_a72": (int, "same, cortex-a72"),
     "arm_instr_a76": (int, "same, cortex-a76 (has the dot-product instructions int8 kernels use)"),
+    "target": (str, "core the int8 graph form was chosen for (a53, a72, a76, x86, host); empty: not chosen per target"),
+    "runtime": (str, "inference runtime of the artifact: onnxruntime or litert (empty: onnxruntime)"),
     "hardware": (str, "where accuracy-producing training ran (e.g. cpu x2, cuda NVIDIA H200) or 'literature'"),
     "source": (str, "for literature rows: the publication; otherwise empty"),
     "artifact": (str, "path of the evaluated model file; ROC data lives in its run's metrics.json"),
@@ -65,7 +67,9 @@ COLUMNS: dict[str, tuple[type, str]] = {
 }
 
 # columns added after files were written: a file without them is still valid (their cells read as empty)
-ADDED_COLUMNS = ("seed", "n_seeds", "ci_low", "ci_high", "p_value", "images_seen", "wall_s", "notes")
+# read as empty from tables written before they existed
+ADDED_COLUMNS = ("seed", "n_seeds", "ci_low", "ci_high", "p_value", "images_seen", "wall_s", "notes", "target",
+                 "runtime")
 
 __doc__ += "\n".join(f"- `{name}` ({kind.__name__}): {text}" for name, (kind, text) in COLUMNS.items())
 
@@ -132,6 +136,7 @@ def _parse(text: str, path: Path) -> list[dict[str, str]]:
                           "move it aside and re-run the stages")
     rows = []
     for line, row in enumerate(reader, start=2):
+        row = {**dict.fromkeys(ADDED_COLUMNS, ""), **row}
         if None in row or any(v is None for v in row.values()):
             raise FacekdError(f"{path}:{line}: wrong number of cells")
         rows.append(_check_row(row, f"{path}:{line}"))

@@ -21,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 PRELU_TAG = "_prelu_as_max"  # suffix of the Max/Min nodes made by `prelu_to_minmax`; `fuse_int8_max` looks for it
+MULMAX_TAG = "_prelu_as_mulmax"  # suffix of the Max/Min nodes of the "maxmul" form; `fuse_int8_mulmax` looks for it
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -102,6 +103,59 @@ def prelu_to_minmax(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
     graph.node.extend(new_nodes)
     _drop_unused_initializers(graph)
     return model, report
+
+
+FP32_FORMS = ("prelu", "relu", "maxmul", "max")
+
+
+def prelu_fp32_form(model: onnx.ModelProto, form: str) -> tuple[onnx.ModelProto, int]:
+    """Rewrite every PRelu with a constant slope into an equivalent float form; returns (model, nodes rewritten).
+
+    onnxruntime's PRelu kernel is a generic broadcast loop, several times slower than its vectorised elementwise
+    kernels, so the fastest *exact* fp32 model spells PReLU with those:
+    - "relu":   a*x + (1-a)*Relu(x)                 (any slopes; equal to PRelu within one float rounding)
+    - "maxmul": Max(x, a*x) when every a <= 1, Min(x, a*x) when every a >= 1 (bit-exact: the same a*x);
+                a PRelu with slopes on both sides of 1 gets the "relu" form
+    - "max":    Max(Conv(x; W), Conv(x; a*W)) (`prelu_to_minmax`; the int8 rewrite, twice the conv work in float)
+    - "prelu":  unchanged
+    """
+    if form not in FP32_FORMS:
+        raise ValueError(f"unknown PReLU form {form!r}; choose from {FP32_FORMS}")
+    if form == "prelu":
+        return onnx.ModelProto.FromString(model.SerializeToString()), 0
+    if form == "max":
+        out, report = prelu_to_minmax(model)
+        return out, sum(v in ("max", "min") for v in report.values())
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    new_nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        if node.op_type != "PRelu" or node.input[1] not in inits:
+            new_nodes.append(node)
+            continue
+        slope = numpy_helper.to_array(inits[node.input[1]])
+        x, y, base = node.input[0], node.output[0], node.name or node.output[0]
+        a_name = f"{base}_slope"
+        graph.initializer.append(numpy_helper.from_array(slope.astype(np.float32), a_name))
+        mul = helper.make_node("Mul", [x, a_name], [f"{base}_ax"], name=f"{base}_ax")
+        if form == "maxmul" and (np.all(slope <= 1) or np.all(slope >= 1)):
+            op = "Max" if np.all(slope <= 1) else "Min"
+            new_nodes += [mul, helper.make_node(op, [x, mul.output[0]], [y], name=f"{base}{MULMAX_TAG}")]
+        else:
+            b_name = f"{base}_one_minus_slope"
+            graph.initializer.append(numpy_helper.from_array((1 - slope.astype(np.float64)).astype(np.float32),
+                                                             b_name))
+            relu = helper.make_node("Relu", [x], [f"{base}_relu"], name=f"{base}_relu")
+            mul2 = helper.make_node("Mul", [relu.output[0], b_name], [f"{base}_brelu"], name=f"{base}_brelu")
+            new_nodes += [mul, relu, mul2, helper.make_node("Add", [mul.output[0], mul2.output[0]], [y],
+                                                            name=f"{base}_add")]
+        count += 1
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    _drop_unused_initializers(graph)
+    return model, count
 
 
 def _fold_signs(graph: onnx.GraphProto, inits: dict, conv: onnx.NodeProto, prelu: onnx.NodeProto, slope: np.ndarray,
@@ -495,3 +549,82 @@ def share_zero_weight_zero_points(model: onnx.ModelProto) -> int:
         count += 1
     _drop_unused_initializers(graph)
     return count
+
+
+def _repoint_readers(graph: onnx.GraphProto, inits: dict, readers: list[onnx.NodeProto], q_names: set[str],
+                     out_name: str, s_name: str, z_name: str, scale: float) -> None:
+    """Make 8-bit readers of the tensors `q_names` read `out_name` (scale s_name, zero point z_name) instead;
+    a QLinearConv's int32 bias is requantised for its new input scale."""
+    for r in readers:
+        slots = (0,) if r.op_type in ("QLinearConv", "DequantizeLinear") else (0, 3)
+        for i in slots:
+            if r.input[i] not in q_names:
+                continue
+            old = _scale_zp(inits, r.input[i + 1], r.input[i + 2])
+            r.input[i], r.input[i + 1], r.input[i + 2] = out_name, s_name, z_name
+            if r.op_type == "QLinearConv" and len(r.input) > 8 and r.input[8] in inits and old is not None:
+                bias = numpy_helper.to_array(inits[r.input[8]]).astype(np.float64)
+                new_b = np.clip(np.round(bias * old[0] / scale), -2**31, 2**31 - 1).astype(np.int32)
+                b_name = f"{r.name}_bias_requant"
+                graph.initializer.append(numpy_helper.from_array(new_b, b_name))
+                inits[b_name] = graph.initializer[-1]
+                r.input[8] = b_name
+
+
+def fuse_int8_mulmax(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """QOperator models of the "maxmul" PReLU form: run Max(x, a*x) on 8-bit tensors.
+
+    quantize_static leaves QLinearConv -> {QLinearMul(x, a), DQ} -> Max (float) -> Q. Here the conv output x, the
+    QLinearMul output a*x and the Max output get one shared scale/zero point (the union of their calibrated
+    ranges), so Max runs on uint8 (exact: shared-parameter quantisation is monotone) and the PReLU costs one
+    8-bit elementwise multiply and one 8-bit Max instead of a second convolution.
+    """
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers, producers = _consumers(graph), _producers(graph)
+    remove: set[int] = set()
+    fused = 0
+    for node in graph.node:
+        if not node.name.endswith(MULMAX_TAG) or node.op_type not in ("Max", "Min"):
+            continue
+        dqs = [producers.get(i) for i in node.input[:2]]
+        if not all(d is not None and d.op_type == "DequantizeLinear" and len(consumers[d.output[0]]) == 1
+                   for d in dqs):
+            continue
+        srcs = [producers.get(d.input[0]) for d in dqs]
+        mul = next((p for p in srcs if p is not None and p.op_type == "QLinearMul"), None)
+        conv = next((p for p in srcs if p is not None and p.op_type == "QLinearConv"), None)
+        if mul is None or conv is None or mul.input[0] != conv.output[0]:
+            continue
+        if {c.name for c in consumers[conv.output[0]]} != {mul.name, *(d.name for d in dqs if d.input[0] == conv.output[0])}:
+            continue
+        outs = consumers[node.output[0]]
+        if not outs or any(o.op_type != "QuantizeLinear" for o in outs):
+            continue
+        q_names = {o.output[0] for o in outs}
+        readers = [c for o in outs for c in consumers[o.output[0]]]
+        if any(r.op_type not in ("QLinearConv", "DequantizeLinear", "QLinearAdd", "QLinearMul") for r in readers):
+            continue
+        if any(r.op_type in ("QLinearConv", "DequantizeLinear") and r.input[0] not in q_names for r in readers):
+            continue
+        params = [_scale_zp(inits, conv.input[6], conv.input[7]), _scale_zp(inits, mul.input[6], mul.input[7])] + \
+                 [_scale_zp(inits, o.input[1], o.input[2]) for o in outs]
+        if any(p is None for p in params) or len({p[1].dtype for p in params}) != 1:
+            continue
+        scale, zp, dtype = _shared_params(params)  # type: ignore[arg-type]
+        s_name, z_name = f"{node.name}_shared_scale", f"{node.name}_shared_zero_point"
+        graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), s_name),
+                                  numpy_helper.from_array(np.array(zp, dtype), z_name)])
+        conv.input[6], conv.input[7] = s_name, z_name
+        mul.input[1], mul.input[2] = s_name, z_name
+        mul.input[6], mul.input[7] = s_name, z_name
+        out_name = f"{node.output[0]}_int8max"
+        node.input[0], node.input[1] = conv.output[0], mul.output[0]
+        node.output[0] = out_name
+        _repoint_readers(graph, inits, readers, q_names, out_name, s_name, z_name, scale)
+        remove.update({id(dqs[0]), id(dqs[1]), *(id(o) for o in outs)})
+        fused += 1
+    _drop_nodes(graph, remove)
+    _drop_unused_initializers(graph)
+    return model, fused

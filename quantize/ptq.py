@@ -35,6 +35,7 @@ from facekd.io import FacekdError, atomic_path, atomic_write_json, check_choice,
 METHODS = ("minmax", "entropy", "percentile", "auto")
 FORMATS = ("qdq", "qoperator")
 ACTIVATIONS = ("u8", "s8")
+PRELU_INT8 = ("mulmax", "max", "float")  # how PReLU is spelled for int8 (see quantize.graph)
 ONNX_METADATA_KEY = "facekd"
 
 
@@ -130,22 +131,28 @@ def _resolve_keep_float(proto, keep_float: Sequence[str]) -> list[str]:
 
 
 def quantize_onnx(src: str | Path, dst: str | Path, calib_images: np.ndarray, *, method: str = "minmax",
-                  per_channel: bool = True, fmt: str = "qoperator", activations: str = "u8", rewrite_prelu: bool = True,
+                  per_channel: bool = True, fmt: str = "qoperator", activations: str = "u8", prelu: str = "mulmax", weights: str = "s8",
                   keep_float: Sequence[str] = (), extra_options: dict[str, Any] | None = None,
                   preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Quantise the fp32 ONNX `src` to `dst`, calibrating on `calib_images` (uint8 NHWC RGB 112x112).
 
-    Returns the settings and what the graph rewrites did (PReLU nodes rewritten / kept, Max nodes fused).
+    `prelu`: "mulmax" (Max(x, a*x): one 8-bit multiply and one 8-bit Max per PReLU; QOperator only), "max"
+    (Max of the conv and a twin conv with a*W: no elementwise pass, twice the conv work) or "float" (PRelu left in
+    float between Dequantize/Quantize). Returns the settings and what the graph rewrites did.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from quantize.calib import calibration_reader, check_images
-    from quantize.graph import PRELU_TAG, compact_names, copy_metadata, fuse_int8_max, fuse_int8_max_qoperator, prelu_to_minmax, share_twin_weights, \
-        share_zero_weight_zero_points
+    from quantize.graph import PRELU_TAG, compact_names, copy_metadata, fuse_int8_max, fuse_int8_max_qoperator, \
+        fuse_int8_mulmax, prelu_fp32_form, prelu_to_minmax, share_twin_weights, share_zero_weight_zero_points
 
     check_choice(method, METHODS[:-1], "--method")
+    check_choice(prelu, PRELU_INT8, "--prelu")
+    check_choice(weights, ("s8", "u8"), "--weights")
+    if prelu == "mulmax" and fmt != "qoperator":
+        raise FacekdError("--prelu mulmax needs --format qoperator (the 8-bit Max is fused on QLinearMul)")
     check_choice(fmt, FORMATS, "--format")
     check_choice(activations, ACTIVATIONS, "--activations")
     src, dst = Path(src).resolve(), Path(dst).resolve()
@@ -154,8 +161,9 @@ def quantize_onnx(src: str | Path, dst: str | Path, calib_images: np.ndarray, *,
     calib_images = check_images(calib_images, "calibration images")
     preprocessing = preprocessing or read_preprocessing(src)
     info: dict[str, Any] = {"method": method, "per_channel": per_channel, "format": fmt, "activations": activations,
-                            "weights": "s8 symmetric" + (" per-channel" if per_channel else " per-tensor"),
-                            "rewrite_prelu": rewrite_prelu, "calibration_images": int(len(calib_images))}
+                            "weights": ("s8 symmetric" if weights == "s8" else "u8 asymmetric")
+                                       + (" per-channel" if per_channel else " per-tensor"),
+                            "prelu_form": prelu, "calibration_images": int(len(calib_images))}
     # onnxruntime's symbolic shape inference and external-data paths write helper files (sym_shape_infer_temp.onnx,
     # <uuid>.data) into the working directory: run them inside the temporary directory
     with tempfile.TemporaryDirectory(prefix="facekd-ptq-") as tmp, contextlib.chdir(tmp):
@@ -166,10 +174,13 @@ def quantize_onnx(src: str | Path, dst: str | Path, calib_images: np.ndarray, *,
             quant_pre_process(str(src), str(pre_path), skip_symbolic_shape=True)
             info["pre_process_note"] = f"symbolic shape inference skipped: {str(err).splitlines()[0]}"
         proto = onnx.load(str(pre_path))
-        if rewrite_prelu:
+        if prelu == "max":
             proto, report = prelu_to_minmax(proto)
             info["prelu"] = {"rewritten": sum(v in ("max", "min") for v in report.values()),
-                             "kept_float": {k: v for k, v in report.items() if v not in ("max", "min")}}
+                                     "kept_float": {k: v for k, v in report.items() if v not in ("max", "min")}}
+        elif prelu == "mulmax":
+            proto, n = prelu_fp32_form(proto, "maxmul")
+            info["prelu"] = {"rewritten": n, "kept_float": {}}
         excluded = _resolve_keep_float(proto, keep_float)
         for name in list(excluded):  # a kept-float conv keeps its PReLU twin and Max float too
             excluded += [n.name for n in proto.graph.node if n.name == f"{name}_prelu_scaled"]
@@ -187,7 +198,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, calib_images: np.ndarray, *,
                 quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
                 per_channel=per_channel,
                 activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
-                weight_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8 if weights == "s8" else QuantType.QUInt8,
                 nodes_to_exclude=excluded or None,
                 calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                   "percentile": CalibrationMethod.Percentile}[method],
@@ -199,11 +210,13 @@ def quantize_onnx(src: str | Path, dst: str | Path, calib_images: np.ndarray, *,
                               f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
         qproto = onnx.load(str(qpath))
     info["extra_options"] = options
-    if rewrite_prelu and fmt == "qdq":
+    if prelu == "max" and fmt == "qdq":
         qproto, info["int8_max_fused"] = fuse_int8_max(qproto)
         info["twin_weights_shared"] = share_twin_weights(qproto)
-    elif rewrite_prelu:
+    elif prelu == "max":
         qproto, info["int8_max_fused"] = fuse_int8_max_qoperator(qproto)
+    elif prelu == "mulmax":
+        qproto, info["int8_max_fused"] = fuse_int8_mulmax(qproto)
     if fmt == "qoperator":
         share_zero_weight_zero_points(qproto)
     compact_names(qproto)
@@ -319,9 +332,12 @@ def profile_ops(path: str | Path, runs: int = 50, seed: int = 0) -> dict[str, An
 
 
 def fidelity_report(fp32: str | Path, int8: str | Path, vset: Any, *, runs: int = 100, flip: bool = True,
-                    profile: bool = True, log=print) -> dict[str, Any]:
+                    profile: bool = True, fp32_timed: str | Path | None = None, log=print) -> dict[str, Any]:
     """fp32 vs int8 on a verification set: embedding cosine (mean, 1st percentile), verification metrics of both,
-    file sizes, host latency of both measured side by side (interleaved, 1 thread) and the per-op profile."""
+    file sizes, host latency of both measured side by side (interleaved, 1 thread) and the per-op profile.
+
+    `fp32_timed`: an exact, faster form of `fp32` (quantize.target.best_fp32) to time and profile instead, so the
+    int8 speed-up is against the best fp32 model, not a slow spelling of it."""
     from evaluate.embed import OnnxEmbedder, embed_set
     from evaluate.latency import measure_latency, system_info
     from evaluate.metrics import verification_metrics
@@ -343,18 +359,20 @@ def fidelity_report(fp32: str | Path, int8: str | Path, vset: Any, *, runs: int 
         "accuracy_drop_points": 100.0 * (metrics["fp32"]["accuracy"] - metrics["int8"]["accuracy"]),
         "file_bytes": sizes, "size_ratio": sizes["int8"] / sizes["fp32"],
     }
+    timed = Path(fp32_timed or fp32)
     if runs > 0:
-        lat = measure_latency([fp32, int8], threads=(1,), runs=runs, warmup=10)
+        lat = measure_latency([timed, int8], threads=(1,), runs=runs, warmup=10)
         report["latency"] = {
             "fp32_ms": lat[0]["median_ms"], "int8_ms": lat[1]["median_ms"],
             "int8_over_fp32": lat[1]["median_ms"] / lat[0]["median_ms"],
             "speedup": lat[0]["median_ms"] / lat[1]["median_ms"],
             "settings": f"onnxruntime {_ort_version()} CPU, batch 1, intra_op_num_threads=1, 10 warm-up, {runs} "
                         "runs each interleaved (fp32, int8, fp32, ...), median",
+            "fp32_timed": str(timed),
             "host": system_info(),
         }
     if profile:
-        report["profile"] = {"fp32": profile_ops(fp32), "int8": profile_ops(int8)}
+        report["profile"] = {"fp32": profile_ops(timed), "int8": profile_ops(int8)}
     return report
 
 
@@ -397,18 +415,24 @@ def _float_model_on_meta(path: Path):
 
 
 def results_rows(report: dict[str, Any], *, arch: str, run: str, int8_path: Path, params: int | None = None,
-                 macs: int | None = None, embedding_dim: int | None = None) -> list[dict[str, Any]]:
-    """The int8 row of `results/summary.csv` (stage int8) from a fidelity report."""
+                 macs: int | None = None, embedding_dim: int | None = None, target: str | None = None
+                 ) -> list[dict[str, Any]]:
+    """The int8 row of `results/summary.csv` (stage int8) from a fidelity report; an ARM target's measured
+    instruction count of the chosen form goes into its arm_instr_ column."""
     from facekd.table import model_row
 
     lat = report.get("latency") or {}
     host = lat.get("host") or {}
     cpu = f"{host.get('cpu', '')} x{host.get('cores', '')} ({host.get('arch', '')})" if host else None  # as latency
     metrics = report["metrics"]["int8"]
+    chosen = report["quantization"].get("target") or {}
+    arm = {f"arm_instr_{target}": int(chosen["costs"][chosen["form"]])} \
+        if target in ("a53", "a72", "a76") and chosen.get("unit") == "instructions" else {}
     return [model_row("int8", arch, run, dataset=report["dataset"], metrics=metrics, kd="",
                       params=params, macs=macs, file_bytes=report["file_bytes"]["int8"],
                       embedding_dim=embedding_dim, host_latency_ms=lat.get("int8_ms"), host_cpu=cpu,
-                      hardware="cpu (post-training quantisation, no training)", artifact=str(int8_path))]
+                      hardware="cpu (post-training quantisation, no training)", artifact=str(int8_path),
+                      target=target, runtime="onnxruntime", **arm)]
 
 
 def _write_results(rows: list[dict[str, Any]], path: str, log=print) -> None:
@@ -427,32 +451,25 @@ def _run_name(model: Path) -> str:
 
 # ----------------------------------------------------------------------------------------------- options side by side (quantize.bench)
 
-# key -> (label, quantize_onnx keyword arguments; None: a float model)
+# key -> (label, quantize_onnx keyword arguments, or {"fp32_form": FORM} for an exact float form of the model)
 VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "fp32": ("fp32 (as exported)", None),
-    "fp32-max": ("fp32 + PReLU->Max rewrite", None),
-    "qdq-s8": ("int8 QDQ S8S8 (plain PTQ, ORT defaults)", dict(activations="s8", rewrite_prelu=False, fmt="qdq")),
-    "qdq-u8": ("int8 QDQ U8S8", dict(activations="u8", rewrite_prelu=False, fmt="qdq")),
-    "qop-u8": ("int8 QOperator U8S8", dict(activations="u8", rewrite_prelu=False, fmt="qoperator")),
-    "qdq-s8-max": ("int8 QDQ S8S8 + PReLU->Max", dict(activations="s8", rewrite_prelu=True, fmt="qdq")),
-    "qdq-u8-max": ("int8 QDQ U8S8 + PReLU->Max", dict(activations="u8", rewrite_prelu=True, fmt="qdq")),
-    "qop-u8-max": ("int8 QOperator U8S8 + PReLU->Max (default)",
-                   dict(activations="u8", rewrite_prelu=True, fmt="qoperator")),
+    "fp32-relu": ("fp32, PReLU as a*x + (1-a)*Relu(x)", {"fp32_form": "relu"}),
+    "fp32-maxmul": ("fp32, PReLU as Max(x, a*x)", {"fp32_form": "maxmul"}),
+    "fp32-max": ("fp32 + PReLU->Max rewrite", {"fp32_form": "max"}),
+    "qdq-s8": ("int8 QDQ S8S8 (plain PTQ, ORT defaults)", dict(activations="s8", prelu="float", fmt="qdq")),
+    "qdq-u8": ("int8 QDQ U8S8", dict(activations="u8", prelu="float", fmt="qdq")),
+    "qop-u8": ("int8 QOperator U8S8", dict(activations="u8", prelu="float", fmt="qoperator")),
+    "qdq-s8-max": ("int8 QDQ S8S8 + PReLU->Max", dict(activations="s8", prelu="max", fmt="qdq")),
+    "qdq-u8-max": ("int8 QDQ U8S8 + PReLU->Max", dict(activations="u8", prelu="max", fmt="qdq")),
+    "qop-u8-max": ("int8 QOperator U8S8 + PReLU->Max", dict(activations="u8", prelu="max", fmt="qoperator")),
     "qop-u8-max-pt": ("int8 QOperator U8S8 + PReLU->Max, per-tensor w",
-                      dict(activations="u8", rewrite_prelu=True, fmt="qoperator", per_channel=False)),
+                      dict(activations="u8", prelu="max", fmt="qoperator", per_channel=False)),
+    "qop-u8-mulmax": ("int8 QOperator U8S8 + PReLU->Max(x,a*x) (default)",
+                      dict(activations="u8", prelu="mulmax", fmt="qoperator")),
+    "qop-s8-mulmax": ("int8 QOperator S8S8 + PReLU->Max(x,a*x)",
+                      dict(activations="s8", prelu="mulmax", fmt="qoperator")),
 }
-
-
-def _rewritten_fp32(src: Path, dst: Path) -> None:
-    import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from quantize.graph import copy_metadata, prelu_to_minmax
-
-    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
-    proto, _ = prelu_to_minmax(onnx.load(str(dst)))
-    copy_metadata(onnx.load(str(src), load_external_data=False), proto)
-    onnx.save(proto, str(dst))
 
 
 def compare(fp32: str | Path, calib_images: np.ndarray, vset: Any | None, *, runs: int = 100,
@@ -471,12 +488,14 @@ def compare(fp32: str | Path, calib_images: np.ndarray, vset: Any | None, *, run
         paths: dict[str, Path] = {}
         for i, name in enumerate(names):
             label, kwargs = VARIANTS[name]
-            if name == "fp32":
+            if kwargs is None:
                 paths[name] = fp32
                 continue
             path = Path(tmp) / f"v{i}.onnx"
-            if kwargs is None:
-                _rewritten_fp32(fp32, path)
+            if "fp32_form" in kwargs:
+                from quantize.target import write_fp32_form
+
+                write_fp32_form(fp32, path, kwargs["fp32_form"])
             else:
                 log(f"quantising: {label}")
                 quantize_onnx(fp32, path, calib_images, **kwargs)
@@ -487,7 +506,9 @@ def compare(fp32: str | Path, calib_images: np.ndarray, vset: Any | None, *, run
             row: dict[str, Any] = {"key": name, "variant": VARIANTS[name][0], "file_bytes": paths[name].stat().st_size}
             if lat is not None:
                 row["latency_ms"] = lat[i]["median_ms"]
-                row["latency_ratio"] = lat[i]["median_ms"] / lat[0]["median_ms"]
+                # against the fastest exact fp32 form timed here, never a slow spelling of the same model
+                best = min(lat[j]["median_ms"] for j, n in enumerate(names) if n.startswith("fp32"))
+                row["latency_ratio"] = lat[i]["median_ms"] / best
             prof = profile_ops(paths[name], runs=20)
             row["top_ops"] = dict(list(prof["ms_per_op_type"].items())[:5])
             if vset is not None:
@@ -511,13 +532,13 @@ def compare(fp32: str | Path, calib_images: np.ndarray, vset: Any | None, *, run
 
 
 def format_table(rows: list[dict[str, Any]], dataset: str | None, runs: int) -> str:
-    head = f"{'variant':48s} {'ms':>7s} {'x fp32':>7s} {'MB':>6s} {'size':>6s} {'cos':>7s} {'cos p1':>7s} {'acc':>7s}"
+    head = f"{'variant':48s} {'ms':>7s} {'x best fp32':>11s} {'MB':>6s} {'size':>6s} {'cos':>7s} {'cos p1':>7s} {'acc':>7s}"
     lines = [f"quantisation options (onnxruntime CPU, batch 1, 1 thread, {runs} interleaved runs, median; fidelity on "
              f"{dataset or '-'} with flip)", head, "-" * len(head)]
     for r in rows:
         def f(key: str, fmt: str) -> str:
             return fmt.format(r[key]) if key in r else "-"
-        lines.append(f"{r['variant']:48s} {f('latency_ms', '{:7.2f}'):>7s} {f('latency_ratio', '{:7.2f}'):>7s} "
+        lines.append(f"{r['variant']:48s} {f('latency_ms', '{:7.2f}'):>7s} {f('latency_ratio', '{:11.2f}'):>11s} "
                      f"{r['file_bytes'] / 1e6:6.3f} {100 * r['size_ratio']:5.1f}% {f('cos_mean', '{:7.4f}'):>7s} "
                      f"{f('cos_p1', '{:7.4f}'):>7s} {f('accuracy', '{:7.4f}'):>7s}")
     lines.append("where the time goes (kernel ms per inference, top op types):")
@@ -525,8 +546,6 @@ def format_table(rows: list[dict[str, Any]], dataset: str | None, runs: int) -> 
         lines.append(f"  {r['variant']:46s} " + ", ".join(f"{k} {v:.2f}" for k, v in r["top_ops"].items()))
     return "\n".join(lines)
 
-
-# ----------------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
     from engine.presets import PRESET_CHOICES
@@ -550,8 +569,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="qoperator (default: QLinearConv with int32 bias, 28%% of fp32 size) or qdq (QuantizeLinear/"
                         "DequantizeLinear pairs; same speed and numerics, ~31%% size, portable to other EPs)")
     p.add_argument("--activations", default="u8", help="u8 (default; see module doc) or s8")
-    p.add_argument("--prelu-rewrite", action=argparse.BooleanOptionalAction, default=True,
-                   help="rewrite PReLU as Max of two int8 convs (default on; exact in float)")
+    p.add_argument("--weights", default="s8", help="s8 (default; symmetric) or u8 (asymmetric) weights")
+    p.add_argument("--prelu", default="mulmax",
+                   help="int8 PReLU form: mulmax (default: Max(x, a*x), an 8-bit multiply and Max; qoperator only), "
+                        "max (Max of the conv and a twin conv with a*W) or float (PRelu left in float)")
+    p.add_argument("--no-prelu-rewrite", dest="prelu", action="store_const", const="float",
+                   help="same as --prelu float")
+    p.add_argument("--target", default="none",
+                   help="choose the int8 and fp32 forms for a core by their measured cost there: a53 | a72 | a76 "
+                        "(emulated aarch64 instructions; needs evaluate.latency --arm-setup), x86 | host (host ms), "
+                        "auto (this machine), none (default: the forms given by --prelu/--format/--activations). "
+                        "Overrides --prelu, --format, --activations, --weights")
+    p.add_argument("--fp32-form", default="auto",
+                   help="PReLU form of the fp32 reference (model_fp32_best.onnx, exact): auto (default: cheapest on "
+                        "the target, or on this host), prelu (as exported), relu, maxmul")
     p.add_argument("--keep-float", nargs="*", default=[],
                    help="node names (or 'first' / 'last' weighted layer) left in float")
     p.add_argument("--bnstats-steps", type=int, default=200, help="optimisation steps per bnstats batch")
@@ -603,6 +634,17 @@ def main(argv: list[str] | None = None) -> int:
     check_choice(args.method, METHODS, "--method")
     check_choice(args.format, FORMATS, "--format")
     check_choice(args.activations, ACTIVATIONS, "--activations")
+    check_choice(args.weights, ("s8", "u8"), "--weights")
+    check_choice(args.prelu, PRELU_INT8, "--prelu")
+    check_choice(args.fp32_form, ("auto", "prelu", "relu", "maxmul"), "--fp32-form")
+    from quantize.target import best_fp32, best_int8, resolve_target, write_fp32_form
+
+    target = None if args.target == "none" else resolve_target(args.target)
+    if target and args.method == "auto":
+        raise FacekdError("--target and --method auto together would quantise every form with every method; "
+                          "pick a --method")
+    if args.prelu == "mulmax" and args.format != "qoperator" and not target:
+        raise FacekdError("--prelu mulmax needs --format qoperator; use --prelu max with --format qdq")
     if args.num_calib < 1:
         raise FacekdError(f"--num-calib must be >= 1, got {args.num_calib}")
     model = Path(args.model)
@@ -624,19 +666,38 @@ def main(argv: list[str] | None = None) -> int:
     images = calibration_images(args.calib, args.num_calib, torch_model=torch_model, seed=args.seed,
                                 bnstats_steps=args.bnstats_steps)
     int8 = out / "model_int8.onnx"
-    kwargs = dict(per_channel=args.per_channel, fmt=args.format, activations=args.activations,
-                  rewrite_prelu=args.prelu_rewrite, keep_float=args.keep_float)
-    t0 = time.perf_counter()
-    if args.method == "auto":
-        info, _ = choose_method(fp32, int8, images, **kwargs)
+    # the fp32 reference every ratio is taken against: its cheapest exact PReLU form on the target (or this host)
+    fp32_best, fp32_info = out / "model_fp32_best.onnx", None
+    cost_target = target or resolve_target("auto")
+    if args.fp32_form != "auto":
+        fp32_info = {"form": args.fp32_form, "rewritten": write_fp32_form(fp32, fp32_best, args.fp32_form)}
+    elif target or args.runs > 0:
+        from quantize.calib import preprocess
+
+        fp32_info = best_fp32(fp32, fp32_best, preprocess(images[:8], read_preprocessing(fp32)), cost_target,
+                              runs=max(args.runs, 20))
     else:
-        info = quantize_onnx(fp32, int8, images, method=args.method, **kwargs)
+        fp32_best = fp32
+    t0 = time.perf_counter()
+    if target:
+        info = best_int8(fp32, int8, images, target, method=args.method, per_channel=args.per_channel,
+                         keep_float=args.keep_float, runs=max(args.runs, 20))
+    else:
+        kwargs = dict(per_channel=args.per_channel, fmt=args.format, activations=args.activations,
+                      prelu=args.prelu, weights=args.weights, keep_float=args.keep_float)
+        if args.method == "auto":
+            info, _ = choose_method(fp32, int8, images, **kwargs)
+        else:
+            info = quantize_onnx(fp32, int8, images, method=args.method, **kwargs)
     info["calib"] = args.calib
-    print(f"quantised {fp32.name} -> {int8} in {time.perf_counter() - t0:.0f} s ({info['method']}, {args.format}, "
-          f"{args.activations} activations, PReLU rewritten: {info.get('prelu', {}).get('rewritten', 0)})")
-    report: dict[str, Any] = {"fp32": str(fp32), "int8": str(int8), "quantization": info, "provenance": provenance()}
+    print(f"quantised {fp32.name} -> {int8} in {time.perf_counter() - t0:.0f} s ({info['method']}, {info['format']}, "
+          f"{info['activations']} activations, PReLU form {info['prelu_form']}"
+          + (f", chosen for {target}" if target else "") + ")")
+    report: dict[str, Any] = {"fp32": str(fp32), "fp32_best": str(fp32_best), "fp32_form": fp32_info,
+                              "int8": str(int8), "quantization": info, "provenance": provenance()}
     if vset is not None:
-        report.update(fidelity_report(fp32, int8, vset, runs=args.runs, profile=not args.no_profile))
+        report.update(fidelity_report(fp32, int8, vset, runs=args.runs, profile=not args.no_profile,
+                                      fp32_timed=fp32_best))
         print(format_report(report))
     atomic_write_json(out / "fidelity.json", report)
     print(f"wrote {out / 'fidelity.json'}")
@@ -650,8 +711,9 @@ def main(argv: list[str] | None = None) -> int:
             from facekd.models import count_macs, count_params
             params, macs = count_params(float_model), count_macs(float_model)
             dim = getattr(float_model, "embedding_dim", None)
-        rows = results_rows(report, arch=arch, run=args.run or _run_name(model), int8_path=int8, params=params,
-                            macs=macs, embedding_dim=dim)
+        run = args.run or _run_name(model)
+        rows = results_rows(report, arch=arch, run=f"{run}-{target}" if target else run, int8_path=int8,
+                            params=params, macs=macs, embedding_dim=dim, target=target)
         _write_results([{**row, "notes": preset_notes(preset)} for row in rows], args.results)
     if args.compare:
         compare(fp32, images, vset, runs=args.runs)

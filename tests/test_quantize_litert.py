@@ -1,0 +1,81 @@
+"""quantize.litert (optional extra `litert`): the twin-conv PReLU form is exact in PyTorch; fp32 .tflite matches
+PyTorch; int8 .tflite is close, mostly int8 and runs as one XNNPACK partition."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from quantize.calib import load_calibration_images, preprocess
+from quantize.litert import main as litert_main, prelu_to_twin_conv
+from test_quantize import PRE, TinyFaceNet
+
+try:
+    import ai_edge_litert  # noqa: F401
+    import litert_torch  # noqa: F401
+    _LITERT = True
+except ImportError:
+    _LITERT = False
+needs_litert = pytest.mark.skipif(not _LITERT, reason='optional extra not installed: pip install -e ".[litert]"')
+
+
+def test_twin_conv_prelu_is_exact_and_keeps_slopes_above_one():
+    x = torch.from_numpy(preprocess(load_calibration_images("synthfaces:tiny", 8, seed=0), PRE))
+    model = TinyFaceNet().eval()
+    twin, counts = prelu_to_twin_conv(model)
+    assert counts == {"rewritten": 5, "kept": 0}
+    assert not any(isinstance(m, torch.nn.PReLU) for m in twin.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-5)
+    mixed, counts = prelu_to_twin_conv(TinyFaceNet("mixed").eval())  # slopes > 1 cannot use Relu((1-a) y)
+    assert counts == {"rewritten": 2, "kept": 4}
+
+
+def test_cli_refuses_onnx_input(tmp_path, capsys):
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"x")
+    with pytest.raises(SystemExit) as exc:
+        litert_main([str(onnx_file)])
+    assert exc.value.code == 2 and "pass the facekd checkpoint" in capsys.readouterr().err
+
+
+@needs_litert
+@pytest.mark.slow
+def test_tflite_fp32_parity_and_int8_one_partition(tmp_path):
+    from quantize.litert import TfliteEmbedder, export_tflite, measure_tflite_latency, op_histogram
+
+    x = preprocess(load_calibration_images("synthfaces:tiny", 24, seed=0), PRE)
+    model = TinyFaceNet().eval()
+    fp32 = export_tflite(model, tmp_path / "fp32.tflite")
+    int8 = export_tflite(prelu_to_twin_conv(model)[0], tmp_path / "int8.tflite", calib=x[:16])
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x[16:])).numpy()
+    np.testing.assert_allclose(TfliteEmbedder(fp32, PRE, 16).embed_float(x[16:]), ref, rtol=1e-4, atol=1e-4)
+    got = TfliteEmbedder(int8, PRE, 16).embed_float(x[16:])
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.98, cos
+    ops = op_histogram(int8)
+    assert ops["DELEGATE"] == 1 and ops["CONV_2D"] == 7  # one XNNPACK partition, twin convs
+    assert not {"PRELU", "MUL", "DEQUANTIZE", "QUANTIZE"} & set(ops)  # no float island left
+    assert all(ms > 0 for ms in measure_tflite_latency([fp32, int8], runs=3, warmup=1))
+
+
+@needs_litert
+@pytest.mark.slow
+def test_maxmul_form_is_int8_with_one_maximum_per_prelu(tmp_path):
+    from quantize.litert import TfliteEmbedder, export_tflite, op_histogram, prelu_to_maxmul
+
+    x = preprocess(load_calibration_images("synthfaces:tiny", 24, seed=0), PRE)
+    model = TinyFaceNet().eval()
+    mm, counts = prelu_to_maxmul(model)
+    assert counts == {"rewritten": 5, "kept": 0}
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x[16:])).numpy()
+        assert np.array_equal(mm(torch.from_numpy(x[16:])).numpy(), ref)  # bit-exact in float
+    int8 = export_tflite(mm, tmp_path / "int8.tflite", calib=x[:16])
+    ops = op_histogram(int8)
+    assert ops["MAXIMUM"] == 5 and ops["MUL"] == 5 and ops["CONV_2D"] == 4
+    assert not {"PRELU", "DEQUANTIZE", "QUANTIZE"} & set(ops)
+    got = TfliteEmbedder(int8, PRE, 16).embed_float(x[16:])
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.98, cos

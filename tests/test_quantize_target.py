@@ -1,0 +1,163 @@
+"""quantize.target and the PReLU forms: exact fp32 forms (against the PyTorch module), the fully 8-bit Max(x, a*x)
+int8 form, per-target choice of the cheapest form, the target/runtime columns of the int8 row."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from facekd.io import FacekdError
+from quantize.calib import load_calibration_images, preprocess
+from quantize.graph import FP32_FORMS, prelu_fp32_form
+from quantize.ptq import cosine_rows, main as ptq_main, quantize_onnx, raw_embeddings
+from test_quantize import PRE, TinyFaceNet, _export
+
+
+@pytest.fixture(scope="module")
+def faces() -> np.ndarray:
+    return load_calibration_images("synthfaces:tiny", 48, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _export(TinyFaceNet(), tmp_path_factory.mktemp("t") / "tiny.onnx")
+
+
+@pytest.mark.parametrize("form", FP32_FORMS)
+def test_fp32_forms_equal_the_pytorch_model(tmp_path, faces, form):
+    model = TinyFaceNet("mixed").eval()  # slopes > 1, mixed around 1, one PReLU not after a conv
+    src = _export(model, tmp_path / "mixed.onnx")
+    proto, n = prelu_fp32_form(onnx.load(str(src)), form)
+    ops = [node.op_type for node in proto.graph.node]
+    if form in ("relu", "maxmul"):  # every constant-slope PRelu is spelled with fast elementwise kernels
+        assert n == 6 and "PRelu" not in ops
+    if form == "maxmul":  # all-<=1 layers Max, the all->1 layer Min, mixed layers fall back to the relu form
+        assert ops.count("Max") == 2 and ops.count("Min") == 1 and ops.count("Relu") == 3
+    path = tmp_path / f"{form}.onnx"
+    onnx.save(proto, str(path))
+    x = preprocess(faces[:8], PRE)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(raw_embeddings(path, x), want, rtol=1e-5, atol=1e-5)
+    assert {p.key for p in proto.metadata_props} == {"facekd", "author"}
+    with pytest.raises(ValueError, match="unknown PReLU form"):
+        prelu_fp32_form(proto, "leaky")
+
+
+def test_mulmax_int8_runs_prelu_on_8bit_tensors(tmp_path, tiny, faces):
+    dst = tmp_path / "mulmax.onnx"
+    info = quantize_onnx(tiny, dst, faces[:32], prelu="mulmax")
+    proto = onnx.load(str(dst))
+    ops = [n.op_type for n in proto.graph.node]
+    assert info["prelu_form"] == "mulmax" and info["int8_max_fused"] == 5
+    assert ops.count("QLinearMul") == 5 and ops.count("Max") == 5 and "PRelu" not in ops and "Mul" not in ops
+    # one float boundary at each end, none inside: every Max reads a QLinearConv and a QLinearMul output
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    for node in proto.graph.node:
+        if node.op_type == "Max":
+            assert sorted(producers[i].op_type for i in node.input) == ["QLinearConv", "QLinearMul"]
+    x = preprocess(faces[32:], PRE)
+    cos = cosine_rows(raw_embeddings(tiny, x), raw_embeddings(dst, x))
+    assert cos.mean() > 0.98 and cos.min() > 0.95, cos
+    with pytest.raises(FacekdError, match="mulmax needs --format qoperator"):
+        quantize_onnx(tiny, tmp_path / "x.onnx", faces[:8], prelu="mulmax", fmt="qdq")
+
+
+def test_best_forms_pick_the_cheapest_measured(tmp_path, tiny, faces, monkeypatch):
+    import quantize.target as target
+
+    x = preprocess(faces[:4], PRE)
+    # fixed costs make the choice checkable; the measured path is exercised by the CLI test below
+    fake = {"prelu": 3.0, "relu": 1.0, "maxmul": 2.0, "mulmax-u8": 5.0, "max-u8": 4.0, "mulmax-s8": 6.0}
+    monkeypatch.setattr(target, "costs", lambda paths, t, runs=100: [fake[p.stem] for p in paths])
+    info = target.best_fp32(tiny, tmp_path / "fp32.onnx", x, "a72", log=lambda *_: None)
+    assert info["form"] == "relu" and info["unit"] == "instructions" and max(info["max_abs_diff"].values()) < 1e-5
+    assert "Relu" in [n.op_type for n in onnx.load(str(tmp_path / "fp32.onnx")).graph.node]
+    q = target.best_int8(tiny, tmp_path / "int8.onnx", faces[:24], "a76", log=lambda *_: None)
+    assert q["target"]["form"] == "max-u8" and q["prelu_form"] == "max" and q["target"]["held_out_images"] == 6
+    assert set(q["target"]["held_out_cosine"]) == set(target.INT8_CANDIDATES)
+    with pytest.raises(FacekdError, match="unknown target 'a99'"):
+        target.resolve_target("a99")
+
+
+def test_inexact_fp32_form_is_refused(tmp_path, tiny, faces, monkeypatch):
+    import quantize.target as target
+
+    def broken(src, dst, form):  # a "form" that changes the slopes
+        proto = onnx.load(str(src))
+        for t in proto.graph.initializer:
+            if len(t.dims) == 3 and t.dims[1:] == [1, 1]:
+                t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * 0 + 0.9, t.name))
+        onnx.save(proto, str(dst))
+    monkeypatch.setattr(target, "write_fp32_form", broken)
+    with pytest.raises(FacekdError, match="fp32 PReLU form 'prelu' differs from the original"):
+        target.best_fp32(tiny, tmp_path / "f.onnx", preprocess(faces[:4], PRE), "x86", log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_ptq_target_x86_end_to_end(tmp_path, tiny):
+    out, results = tmp_path / "int8", tmp_path / "summary.csv"
+    assert ptq_main([str(tiny), "--calib", "synthfaces:tiny", "--num-calib", "24", "--eval", "synthfaces:tiny",
+                     "--runs", "5", "--no-profile", "--target", "x86", "--out", str(out), "--run", "r",
+                     "--results", str(results)]) == 0
+    report = json.loads((out / "fidelity.json").read_text())
+    chosen = report["quantization"]["target"]
+    assert chosen["name"] == "x86" and chosen["unit"] == "ms" and chosen["form"] in chosen["costs"]
+    assert report["fp32_form"]["form"] in ("prelu", "relu", "maxmul")
+    assert report["latency"]["fp32_timed"] == str(out / "model_fp32_best.onnx")
+    from facekd.table import read_rows
+
+    rows = read_rows(results)
+    assert [(r["run"], r["target"], r["runtime"]) for r in rows] == [("r-x86", "x86", "onnxruntime")]
+
+
+def test_cli_target_errors(tmp_path, tiny, capsys):
+    for argv, msg in ((["--target", "a99"], "error: --target: unknown target 'a99'"),
+                      (["--target", "x86", "--method", "auto"], "error: --target and --method auto"),
+                      (["--format", "qdq"], "error: --prelu mulmax needs --format qoperator")):
+        with pytest.raises(SystemExit) as exc:
+            ptq_main([str(tiny), *argv, "--out", str(tmp_path)])
+        assert exc.value.code == 2 and capsys.readouterr().err.startswith(msg)
+
+
+def test_table_reads_files_written_before_target_and_runtime(tmp_path):
+    from facekd import table
+
+    old_cols = [c for c in table.COLUMNS if c not in table.ADDED_COLUMNS]
+    path = tmp_path / "old.csv"
+    path.write_text(",".join(old_cols) + "\n" + ",".join("int8" if c == "stage" else "m" if c in ("model", "run",
+                                                          "dataset") else "" for c in old_cols) + "\n")
+    assert table.read_rows(path)[0]["target"] == ""
+    table.upsert_rows([{"stage": "int8", "model": "m", "run": "m", "dataset": "m", "target": "a72"}], path)
+    assert path.read_text().splitlines()[0].split(",") == list(table.COLUMNS)
+    assert table.read_rows(path)[0]["target"] == "a72"
+
+
+@pytest.mark.arm
+@pytest.mark.slow
+def test_arm_target_counts_instructions_and_takes_the_cheapest(tmp_path, tiny, faces):
+    from evaluate.latency import arm_instruction_record, arm_toolchain_status
+    from quantize.target import best_int8
+
+    ok, reason = arm_toolchain_status()
+    if not ok:
+        pytest.skip(reason)
+    q = best_int8(tiny, tmp_path / "int8.onnx", faces[:24], "a72", candidates=("mulmax-u8", "max-u8"),
+                  log=lambda *_: None)
+    found = q["target"]["costs"]
+    assert q["target"]["unit"] == "instructions" and q["target"]["form"] == min(found, key=found.get)
+    assert arm_instruction_record(tmp_path / "int8.onnx", "cortex-a72")["instructions"] == found[q["target"]["form"]]
+
+
+def test_target_cli_writes_the_fp32_form(tmp_path, tiny, capsys):
+    from quantize.target import main as target_main
+
+    assert target_main([str(tiny), "--out", str(tmp_path / "f.onnx"), "--form", "relu"]) == 0
+    assert "Relu" in [n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node]
+    with pytest.raises(SystemExit) as exc:
+        target_main([str(tiny), "--out", str(tmp_path / "g.onnx"), "--form", "nope"])
+    assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: --form: unknown form 'nope'")
