@@ -129,7 +129,7 @@ class DistillObjective(nn.Module):
                  feature_metric: str = "cosine", adadistill_m: float = 0.45, head: str = "dense",
                  sample_rate: float = 1.0) -> None:
         super().__init__()
-        from engine.margin import make_head
+        from engine.partial_fc import make_head
 
         self.kd = parse_kd(kd) if isinstance(kd, str) else tuple(kd)
         unknown = set(weights or {}) - set(DEFAULT_WEIGHTS)

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MARGINS = {"arcface": 0.5, "cosface": 0.35}
-HEADS = ("dense", "partial_fc")
 
 
 def combined_margin(target: Tensor, margin: str, m: float) -> Tensor:
@@ -82,21 +81,6 @@ class MarginHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[1]} -> {self.num_classes}, margin={self.margin}, s={self.s}, m={self.m}"
-
-
-def make_head(head: str, embedding_dim: int, num_classes: int, *, margin: str = "arcface", s: float = 64.0,
-              m: float | None = None, sample_rate: float = 1.0, centres: Tensor | None = None) -> nn.Module:
-    """`dense` (`MarginHead`, every rank holds all classes) or `partial_fc` (`engine.partial_fc.PartialFC`, the
-    classes sharded over the torchrun ranks and `sample_rate` of each shard used per step)."""
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    if head == "dense":
-        if sample_rate != 1.0:
-            raise ValueError(f"sample_rate {sample_rate} needs head partial_fc; the dense head uses every class")
-        return MarginHead(embedding_dim, num_classes, margin=margin, s=s, m=m, centres=centres)
-    from engine.partial_fc import PartialFC
-
-    return PartialFC(embedding_dim, num_classes, margin=margin, s=s, m=m, sample_rate=sample_rate, centres=centres)
 
 
 class MarginObjective(nn.Module):

@@ -29,8 +29,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.margin import MARGINS, combined_margin
+from engine.margin import MARGINS, MarginHead, combined_margin
 
+HEADS = ("dense", "partial_fc")
 INIT_CHUNK = 65536  # classes per initialisation block: the initial weights do not depend on the world size
 
 
@@ -176,6 +177,19 @@ class PartialFC(nn.Module):
         # refused; the rank is not (the fingerprint is the same on every rank)
         return (f"{self.embedding_dim} -> {self.num_classes} in {self.world} shard(s), sample_rate={self.sample_rate}, "
                 f"margin={self.margin}, s={self.s}, m={self.m}")
+
+
+def make_head(head: str, embedding_dim: int, num_classes: int, *, margin: str = "arcface", s: float = 64.0,
+              m: float | None = None, sample_rate: float = 1.0, centres: Tensor | None = None) -> nn.Module:
+    """`dense` (`MarginHead`, every rank holds all classes) or `partial_fc` (`engine.partial_fc.PartialFC`, the
+    classes sharded over the torchrun ranks and `sample_rate` of each shard used per step)."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if head == "dense":
+        if sample_rate != 1.0:
+            raise ValueError(f"sample_rate {sample_rate} needs head partial_fc; the dense head uses every class")
+        return MarginHead(embedding_dim, num_classes, margin=margin, s=s, m=m, centres=centres)
+    return PartialFC(embedding_dim, num_classes, margin=margin, s=s, m=m, sample_rate=sample_rate, centres=centres)
 
 
 def head_bytes(num_classes: int, embedding_dim: int, world: int = 1, sample_rate: float = 1.0,

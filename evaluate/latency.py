@@ -33,12 +33,8 @@ import numpy as np
 from evaluate.arm.emulate import arm_instruction_record, arm_instructions, check_model  # noqa: F401  (re-exported)
 from evaluate.arm.prefix import ARM_CPUS, arm_setup, arm_toolchain_status, default_prefix  # noqa: F401
 from evaluate.arm.runner import make_inputs, make_session
+from evaluate.remote import ARM_PARTS
 from facekd.io import FacekdError, cli_main, sha256_file
-
-_ARM_PARTS = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
-              "0xd08": "Cortex-A72", "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76",
-              "0xd0c": "Neoverse-N1", "0xd0d": "Cortex-A77", "0xd41": "Cortex-A78", "0xd40": "Neoverse-V1",
-              "0xd49": "Neoverse-N2", "0xd4f": "Neoverse-V2", "0xd46": "Cortex-A510", "0xd47": "Cortex-A710"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -65,7 +61,7 @@ def system_info() -> dict[str, Any]:
     cpu = fields.get("model name") or fields.get("Model") or fields.get("Hardware")
     if not cpu and "CPU part" in fields:
         part = fields["CPU part"].lower()
-        cpu = _ARM_PARTS.get(part, f"ARM CPU part {part}")
+        cpu = ARM_PARTS.get(part, f"ARM CPU part {part}")
     arch = platform.machine()
     device = None
     if arch in ("aarch64", "arm64"):

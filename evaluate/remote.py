@@ -26,6 +26,11 @@ from typing import Any, Sequence
 from facekd.io import FacekdError
 
 ARM_MACHINES = ("aarch64", "arm64", "armv8l", "armv7l")
+# /proc/cpuinfo "CPU part" -> core name (evaluate.latency decodes the host's with it too)
+ARM_PARTS = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
+             "0xd08": "Cortex-A72", "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76",
+             "0xd0c": "Neoverse-N1", "0xd0d": "Cortex-A77", "0xd41": "Cortex-A78", "0xd40": "Neoverse-V1",
+             "0xd49": "Neoverse-N2", "0xd4f": "Neoverse-V2", "0xd46": "Cortex-A510", "0xd47": "Cortex-A710"}
 # the runner: runs on the device, imports only the standard library, numpy and the runtime the model needs
 RUNNER = r'''
 import json, os, platform, statistics, sys, time
@@ -159,10 +164,8 @@ def device_label(report: dict[str, Any], spec: str) -> str:
     info, machine = report.get("cpuinfo") or {}, report.get("machine") or "unknown"
     cpu = info.get("model name") or ""
     if not cpu and info.get("cpu part"):
-        from evaluate import latency
-
         part = info["cpu part"].lower()
-        cpu = getattr(latency, "_ARM_PARTS", {}).get(part, f"ARM CPU part {part}")
+        cpu = ARM_PARTS.get(part, f"ARM CPU part {part}")
     if info.get("hardware"):
         cpu = f"{cpu} ({info['hardware']})" if cpu else info["hardware"]
     return f"{cpu or 'unknown CPU'} x{report.get('cores', '?')} {machine} via {spec}"

@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         vset = open_verification_set(args.eval)
     from facekd.models import count_macs, count_params, load_checkpoint
     from quantize.calib import preprocess
-    from quantize.ptq import _run_name, calibration_images, cosine_rows
+    from quantize.core import cosine_rows
+    from quantize.ptq import _run_name, calibration_images
 
     out = Path(args.out) if args.out else model_path.parent.parent / "litert"
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ The cost of a candidate on a target is measured, never modelled:
 
 fp32 candidates (all exact; each is checked against the original to 1e-5 before it may win) are the PReLU spellings
 of `quantize.graph.prelu_fp32_form`; int8 candidates are (PReLU form, format, activations) triples for
-`quantize.ptq.quantize_onnx`. The cheapest int8 candidate whose held-out fp32-vs-int8 cosine is within
+`quantize.core.quantize_onnx`. The cheapest int8 candidate whose held-out fp32-vs-int8 cosine is within
 `COSINE_SLACK` of the best candidate's wins.
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ def best_fp32(src: str | Path, dst: str | Path, x: np.ndarray, target: str, *,
     Returns {"form", "unit", "costs": {form: cost}, "max_abs_diff": {form: ...}}. A form that is not equal to the
     original within EXACT_TOL is an error (a bug, never a trade-off).
     """
-    from quantize.ptq import raw_embeddings
+    from quantize.core import raw_embeddings
 
     ref = raw_embeddings(src, x)
     with tempfile.TemporaryDirectory(prefix="facekd-fp32form-") as tmp:
@@ -115,7 +115,7 @@ def best_int8(src: str | Path, dst: str | Path, calib_images: np.ndarray, target
     """Quantise `src` in every candidate form, keep the cheapest on `target` among those whose held-out cosine to
     fp32 is within COSINE_SLACK of the best one. Returns quantize_onnx's info plus a `target` entry."""
     from quantize.calib import preprocess
-    from quantize.ptq import cosine_rows, quantize_onnx, raw_embeddings, read_preprocessing
+    from quantize.core import cosine_rows, quantize_onnx, raw_embeddings, read_preprocessing
 
     unknown = [c for c in candidates if c not in INT8_CANDIDATES]
     if unknown:
@@ -154,7 +154,7 @@ def target_table(pruned: str | Path, reference: str | Path, calib_images: np.nda
     """The issue's ratios per target, from one run: for each target the best fp32 form of the reference
     (unpruned) and of `pruned`, the best int8 form of `pruned`, and int8 / fp32 cost ratios."""
     from quantize.calib import preprocess
-    from quantize.ptq import read_preprocessing
+    from quantize.core import read_preprocessing
 
     x = preprocess(calib_images[:8], read_preprocessing(reference))
     rows = []
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}: {n} PRelu nodes as {args.form}")
         return 0
     from quantize.calib import load_calibration_images, preprocess
-    from quantize.ptq import read_preprocessing
+    from quantize.core import read_preprocessing
 
     x = preprocess(load_calibration_images("synthfaces:tiny", 8, seed=0), read_preprocessing(src))
     info = best_fp32(src, args.out, x, target, runs=args.runs)

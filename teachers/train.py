@@ -24,7 +24,8 @@ from facekd.io import FacekdError, cli_main, sha256_file, write_manifest
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.margin import HEADS, MARGINS
+    from engine.margin import MARGINS
+    from engine.partial_fc import HEADS
     from engine.presets import PRESET_CHOICES
     from engine.trainer import AMP_CHOICES
 
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import facedata
-    from engine.margin import MarginObjective, make_head
+    from engine.margin import MarginObjective
+    from engine.partial_fc import make_head
     from engine.presets import default_data, default_val, make_config, preset_notes, resolve_preset, results_path
     from engine.trainer import Trainer, TrainingStopped
     from facekd.models import create_model

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from engine.margin import MarginHead, make_head
-from engine.partial_fc import PartialFC, head_bytes, shard_range
+from engine.margin import MarginHead
+from engine.partial_fc import PartialFC, head_bytes, make_head, shard_range
 
 C, D, B = 11, 8, 6
 
