@@ -485,20 +485,7 @@ def fuse_int8_max_qoperator(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
         out_name = f"{node.output[0]}_int8max"
         node.input[0], node.input[1] = convs[0].output[0], convs[1].output[0]
         node.output[0] = out_name
-        for r in readers:
-            slots = (0,) if r.op_type in ("QLinearConv", "DequantizeLinear") else (0, 3)
-            for i in slots:
-                if r.input[i] not in q_names:
-                    continue
-                old = _scale_zp(inits, r.input[i + 1], r.input[i + 2])
-                r.input[i], r.input[i + 1], r.input[i + 2] = out_name, s_name, z_name
-                if r.op_type == "QLinearConv" and len(r.input) > 8 and r.input[8] in inits and old is not None:
-                    bias = numpy_helper.to_array(inits[r.input[8]]).astype(np.float64)
-                    new_b = np.clip(np.round(bias * old[0] / scale), -2**31, 2**31 - 1).astype(np.int32)
-                    b_name = f"{r.name}_bias_requant"
-                    graph.initializer.append(numpy_helper.from_array(new_b, b_name))
-                    inits[b_name] = graph.initializer[-1]
-                    r.input[8] = b_name
+        _repoint_readers(graph, inits, readers, q_names, out_name, s_name, z_name, scale)
         remove.update({id(dqs[0]), id(dqs[1]), *(id(o) for o in outs)})
         fused += 1
     _drop_nodes(graph, remove)
