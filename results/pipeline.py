@@ -24,7 +24,7 @@ from typing import Any, Callable
 from facekd import table
 from facekd.io import FacekdError, atomic_write_json, cli_main, fingerprint, read_json
 
-STEPS = ("distill", "prune", "quantize", "latency", "report")
+STEPS = ("distill", "prune", "quantize", "litert", "latency", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=None, help="int8 calibration data (default: --data; or bnstats)")
     p.add_argument("--arm", choices=("auto", "on", "off"), default="auto",
                    help="count emulated ARM instructions (auto: when `evaluate.latency --arm-setup` was run)")
+    p.add_argument("--litert", choices=("auto", "on", "off"), default="auto",
+                   help="also export the pruned model to LiteRT .tflite, fp32 and int8 (auto: when the litert extra "
+                        "is installed)")
     p.add_argument("--results", type=Path, default=None, help="results table (default results/summary.csv; smoke: "
                                                               "results/smoke/summary.csv)")
     p.add_argument("--steps", type=int, help="override the preset's training steps (distill and fine-tune)")
@@ -92,6 +95,15 @@ class Pipeline:
         print(f"[pipeline] {name}: {seconds:.0f} s", flush=True)
 
 
+def _litert_enabled(choice: str) -> bool:
+    import importlib.util
+
+    installed = all(importlib.util.find_spec(m) is not None for m in ("litert_torch", "ai_edge_litert"))
+    if choice == "on" and not installed:
+        raise FacekdError("--litert on needs the litert extra: pip install -e '.[litert]'")
+    return choice == "on" or (choice == "auto" and installed)
+
+
 def _arm_enabled(choice: str) -> bool:
     from evaluate.latency import arm_toolchain_status
 
@@ -116,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.target_macs_ratio < 1:
         raise FacekdError(f"--target-macs-ratio must be in (0, 1), got {args.target_macs_ratio}")
     s = _resolved(args)
+    litert = _litert_enabled(args.litert)
     from engine.presets import results_path
 
     args.results = results_path(s["preset"], args.results)
@@ -153,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
                            "--eval", eval_set, "--out", str(int8), "--run", run_dir.name, "--preset", s["preset"],
                            *results_flag])
 
+    def run_litert() -> None:
+        import quantize.litert
+
+        num_calib = "64" if s["preset"] == "smoke" else "512"
+        quantize.litert.main([str(pruned / "model.safetensors"), "--calib", s["calib"], "--num-calib", num_calib,
+                              "--eval", s["val"][0] if s["val"] else s["data"], "--out", str(run_dir / "litert"),
+                              "--run", run_dir.name, "--results", str(args.results)])
+
     def run_latency() -> None:
         models = [student / "model.onnx", pruned / "model.onnx", int8 / "model_int8.onnx"]
         missing = [str(m) for m in models if not m.is_file()]
@@ -166,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     pipeline.step("distill", run_distill)
     pipeline.step("prune", run_prune)
     pipeline.step("quantize", run_quantize)
+    if litert:  # not recorded as done when skipped: a later run with the extra installed exports then
+        pipeline.step("litert", run_litert)
+    else:
+        print("[pipeline] litert: skipped (--litert off, or the litert extra is not installed: "
+              "pip install -e '.[litert]')")
     pipeline.step("latency", run_latency)
     pipeline.step("report", lambda: (table.ensure_literature(args.results),
                                      results.report.main(["--summary", str(args.results)])))
