@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         quantize.litert.main([str(pruned / "model.safetensors"), "--calib", s["calib"], "--num-calib", num_calib,
                               "--eval", s["val"][0] if s["val"] else s["data"], "--out", str(run_dir / "litert"),
                               "--run", run_dir.name, "--results", str(args.results)])
+        from engine.presets import preset_notes
+
+        if preset_notes(s["preset"]):  # quantize.litert knows no presets: mark its smoke rows here
+            table.update_columns({"run": f"{run_dir.name}-litert"}, {"notes": preset_notes(s["preset"])}, args.results)
 
     def run_latency() -> None:
         models = [student / "model.onnx", pruned / "model.onnx", int8 / "model_int8.onnx"]
