@@ -462,16 +462,10 @@ def fuse_int8_max_qoperator(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
         convs = [producers.get(d.input[0]) for d in dqs]
         if not all(c is not None and c.op_type == "QLinearConv" and len(consumers[c.output[0]]) == 1 for c in convs):
             continue
-        outs = consumers[node.output[0]]
-        if not outs or any(o.op_type != "QuantizeLinear" for o in outs):
+        found = _requantised_readers(node, consumers)
+        if found is None:
             continue
-        q_names = {o.output[0] for o in outs}
-        readers = [c for o in outs for c in consumers[o.output[0]]]
-        # 8-bit readers whose (x, x_scale, x_zero_point) input triples we can repoint
-        if any(r.op_type not in ("QLinearConv", "DequantizeLinear", "QLinearAdd", "QLinearMul") for r in readers):
-            continue
-        if any(r.op_type in ("QLinearConv", "DequantizeLinear") and r.input[0] not in q_names for r in readers):
-            continue
+        outs, q_names, readers = found
         params = [_scale_zp(inits, c.input[6], c.input[7]) for c in convs] + \
                  [_scale_zp(inits, o.input[1], o.input[2]) for o in outs]
         if any(p is None for p in params) or len({p[1].dtype for p in params}) != 1:
@@ -538,6 +532,21 @@ def share_zero_weight_zero_points(model: onnx.ModelProto) -> int:
     return count
 
 
+def _requantised_readers(node: onnx.NodeProto, consumers: dict) -> tuple[list, set[str], list] | None:
+    """(QuantizeLinear outputs of `node`, their tensor names, their 8-bit readers) when every reader is one whose
+    (x, x_scale, x_zero_point) input triples can be repointed; else None."""
+    outs = consumers[node.output[0]]
+    if not outs or any(o.op_type != "QuantizeLinear" for o in outs):
+        return None
+    q_names = {o.output[0] for o in outs}
+    readers = [c for o in outs for c in consumers[o.output[0]]]
+    if any(r.op_type not in ("QLinearConv", "DequantizeLinear", "QLinearAdd", "QLinearMul") for r in readers):
+        return None
+    if any(r.op_type in ("QLinearConv", "DequantizeLinear") and r.input[0] not in q_names for r in readers):
+        return None
+    return outs, q_names, readers
+
+
 def _repoint_readers(graph: onnx.GraphProto, inits: dict, readers: list[onnx.NodeProto], q_names: set[str],
                      out_name: str, s_name: str, z_name: str, scale: float) -> None:
     """Make 8-bit readers of the tensors `q_names` read `out_name` (scale s_name, zero point z_name) instead;
@@ -586,15 +595,10 @@ def fuse_int8_mulmax(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             continue
         if {c.name for c in consumers[conv.output[0]]} != {mul.name, *(d.name for d in dqs if d.input[0] == conv.output[0])}:
             continue
-        outs = consumers[node.output[0]]
-        if not outs or any(o.op_type != "QuantizeLinear" for o in outs):
+        found = _requantised_readers(node, consumers)
+        if found is None:
             continue
-        q_names = {o.output[0] for o in outs}
-        readers = [c for o in outs for c in consumers[o.output[0]]]
-        if any(r.op_type not in ("QLinearConv", "DequantizeLinear", "QLinearAdd", "QLinearMul") for r in readers):
-            continue
-        if any(r.op_type in ("QLinearConv", "DequantizeLinear") and r.input[0] not in q_names for r in readers):
-            continue
+        outs, q_names, readers = found
         params = [_scale_zp(inits, conv.input[6], conv.input[7]), _scale_zp(inits, mul.input[6], mul.input[7])] + \
                  [_scale_zp(inits, o.input[1], o.input[2]) for o in outs]
         if any(p is None for p in params) or len({p[1].dtype for p in params}) != 1:
