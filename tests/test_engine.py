@@ -126,8 +126,23 @@ def test_presets_are_plain_overridable_data() -> None:
         make_config("cpu", stepz=3)
     with pytest.raises(FacekdError, match="--preset: unknown value 'huge'"):
         make_config("huge")
-    with pytest.raises(FacekdError, match="amp bf16 needs CUDA"):
+    with pytest.raises(FacekdError, match="amp fp16 needs CUDA"):
+        Trainer(nn.Linear(1, 1), nn.Identity(), list(range(200)), make_config("cpu", amp="fp16", device="cpu"))
+
+
+def test_cpu_bf16_only_with_native_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 autocast on CPU is allowed where the CPU computes bf16 natively and refused (one line) where emulated."""
+    import engine.trainer as trainer_mod
+    from engine.presets import make_config
+
+    monkeypatch.setattr(trainer_mod, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(FacekdError, match=r"amp bf16 on CPU needs native bfloat16 .*use --amp off"):
         Trainer(nn.Linear(1, 1), nn.Identity(), list(range(200)), make_config("cpu", amp="bf16", device="cpu"))
+    monkeypatch.setattr(trainer_mod, "cpu_has_native_bf16", lambda: True)
+    trainer = Trainer(nn.Linear(1, 1), nn.Identity(), list(range(200)), make_config("cpu", amp="bf16", device="cpu"))
+    assert trainer.amp_dtype is torch.bfloat16
+    assert Trainer(nn.Linear(1, 1), nn.Identity(), list(range(200)),
+                   make_config("cpu", device="cpu")).amp_dtype is None  # auto stays fp32 on CPU
 
 
 def test_lr_warmup_then_poly2() -> None:
