@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -530,6 +531,8 @@ def adopt_runs(args: argparse.Namespace, base_args: argparse.Namespace, record: 
         if (run_dir / "checkpoint.pt").exists():
             raise FacekdError(f"--adopt {given}: {run_dir} already holds a half-trained {key}; finish or remove it")
         atomic_write_json(run_dir / "metrics.json", {"val": val, "adopted_from": str(d), "config": train})
+        if (d / "log.jsonl").is_file():  # its logged evaluations become the run's learning curve
+            shutil.copyfile(d / "log.jsonl", run_dir / "log.jsonl")
         images = int(train["steps"]) * int(train["batch_size"])
         wall = round(_segments_s(d / "log.jsonl"), 1) or None
         model = load_checkpoint(d / "model.safetensors")

@@ -183,6 +183,8 @@ def test_adopt_records_a_matching_distill_run_and_refuses_others(tmp_path, monke
     stored = json.loads(Path("runs/st/none/seed1/metrics.json").read_text())["val"]["synthfaces:tiny"]
     assert stored["pair_correct"] == expected["pair_correct"]  # re-evaluated from model.onnx: same decisions
     assert stored["accuracy"] == pytest.approx(expected["accuracy"])
+    # the adopted run's training log comes along: its logged evaluations are the run's learning curve
+    assert Path("runs/st/none/seed1/log.jsonl").read_text() == Path("runs/solo/student/log.jsonl").read_text()
     assert study.main(argv) == 0  # nothing left to train; the aggregate row is written
     frame = table.read_table(results).set_index("run")
     assert frame.loc["st/none/seed1", "seed"] == 1 and frame.loc["st/none/seed1", "images_seen"] == 32
