@@ -348,8 +348,31 @@ def study_markdown(frame) -> str:
             lines.append(f"| {kd} | {int(row['n_seeds'])} | {acc} | {ci} | {delta} | "
                          f"{'' if pd.isna(p) else f'{p:.3g}'} | {'' if t_p is None else f'{t_p:.3g}'} | {verdict} |")
         lines += [""] + [f"- {v}" for v in verdicts]
+        runner_up = _best_two_kd(group, base_runs)
+        if runner_up:
+            lines.append(f"- {runner_up}")
         lines += ["- Differences not marked significant are not claimed.", ""]
     return "\n" + "\n".join(lines)
+
+
+def _best_two_kd(group, base_runs) -> str:
+    """The two KD variants with the highest mean, each with >= 2 seeds, compared by a seed-paired t-test."""
+    from evaluate.metrics import t_test_p
+
+    kd = group[(group["kd"] != "none") & (group["n_seeds"] >= 2)].sort_values("accuracy", ascending=False)
+    if len(kd) < 2:
+        return ""
+    (first, second) = (_text(kd["kd"].iloc[0]), _text(kd["kd"].iloc[1]))
+    a = base_runs[base_runs["kd"] == first].set_index("seed")["accuracy"]
+    b = base_runs[base_runs["kd"] == second].set_index("seed")["accuracy"]
+    matched = sorted(set(a.index) & set(b.index))
+    if len(matched) < 2:
+        return ""
+    diffs = [a[s] - b[s] for s in matched]
+    t_p = t_test_p(diffs)
+    verdict = "significant at p < 0.05" if t_p < 0.05 else "not significant at p < 0.05"
+    return (f"best two KD variants: {first} vs {second}, {100 * sum(diffs) / len(diffs):+.2f} points over "
+            f"{len(matched)} matched seeds, seed-paired t p = {t_p:.3g}: {verdict}")
 
 
 def _load_curves(folder: Path) -> list[dict[str, Any]]:

@@ -220,6 +220,23 @@ def test_report_calls_significant_only_what_every_test_supports(tmp_path):
     assert "of no KD's 79.00 – 81.00 %" in text and "Differences not marked significant are not claimed." in text
 
 
+def test_report_compares_the_best_two_kd_variants_by_seed_paired_t(tmp_path):
+    rows = []
+    for kd, accs in (("none", (0.75, 0.76)), ("logit", (0.84, 0.85)), ("feature+logit", (0.83, 0.83))):
+        rows += [table.model_row("study", "mobilefacenet", f"S/{kd}/seed{s}", dataset="synthfaces", kd=kd,
+                                 accuracy=a, seed=s, images_seen=12800) for s, a in enumerate(accs)]
+        rows.append(table.model_row("study", "mobilefacenet", f"S/{kd}", dataset="synthfaces", kd=kd,
+                                    accuracy=sum(accs) / 2, std=0.01, n_seeds=2, ci_low=0.7, ci_high=0.9,
+                                    p_value=None if kd == "none" else 1e-9, images_seen=12800))
+    path = tmp_path / "s.csv"
+    table.upsert_rows(rows, path)
+    text = report.study_markdown(table.read_table(path))
+    # differences 0.01, 0.02 -> mean 0.015, sd 0.00707, t = 3 with 1 df -> p = 1 - 2 atan(3) / pi
+    t_p = 1 - 2 * math.atan(3.0) / math.pi
+    assert (f"- best two KD variants: logit vs feature+logit, +1.50 points over 2 matched seeds, seed-paired t p = "
+            f"{t_p:.3g}: not significant at p < 0.05") in text
+
+
 def test_learning_curve_shows_no_kd_and_the_best_kd_variant_with_a_curve(tmp_path):
     def run(variant, seed, final, curve=True):
         points = [{"images": 6400, "set": "synthfaces[:1200]", "accuracy": 0.7}] if curve else []
