@@ -1,16 +1,20 @@
-"""Host latency (onnxruntime CPU, milliseconds) and emulated ARM cost (aarch64 instructions under QEMU).
+"""Host latency (onnxruntime or LiteRT CPU, milliseconds) and emulated ARM cost (aarch64 instructions under QEMU).
 
     python -m evaluate.latency A.onnx B.onnx --threads 1,4          # interleaved A/B rounds, ratios vs A
     python -m evaluate.latency A.onnx --json --arm-emulate           # + instructions per inference on 3 ARM cores
+    python -m evaluate.latency M.tflite A.onnx --arm-emulate         # a .tflite runs in LiteRT (XNNPACK), here and
+                                                                     # under QEMU
     python -m evaluate.latency --arm-setup                           # install the emulation toolchain once
 
 Two different quantities, never mixed:
-- latency in ms, measured with onnxruntime on this machine. On an aarch64 machine the same figures are the ARM
-  latency columns (`arm_latency_ms`, `arm_device`); elsewhere those stay empty (None), never an estimate.
+- latency in ms, measured with onnxruntime (`.onnx`) or the LiteRT interpreter (`.tflite`) on this machine. On an
+  aarch64 machine the same figures are the ARM latency columns (`arm_latency_ms`, `arm_device`); elsewhere those
+  stay empty (None), never an estimate.
 - emulated ARM cost: the number of aarch64 instructions one inference executes, counted under QEMU user-mode
   emulation (`-cpu cortex-a53 | cortex-a72 | cortex-a76`) by the project's TCG plugin `evaluate/arm/insncount.c`,
-  with the model run by an aarch64 Python + onnxruntime unpacked into a prefix (`--arm-setup`). It is a count of
-  instructions, deterministic to well under 0.1%; it is not a time (memory stalls, SIMD widths and clocks differ).
+  with the model run by an aarch64 Python + onnxruntime (or LiteRT) unpacked into a prefix (`--arm-setup`). It is
+  a count of instructions, deterministic to well under 0.1%; it is not a time (memory stalls, SIMD widths and
+  clocks differ).
 
 This module is the host timing and the command; the emulation lives in `evaluate.arm`: `prefix` (the toolchain,
 `--arm-setup`), `emulate` (counting a model's instructions), `runner.py` (what runs inside the emulated Python, and
@@ -32,7 +36,7 @@ import numpy as np
 
 from evaluate.arm.emulate import arm_instruction_record, arm_instructions, check_model  # noqa: F401  (re-exported)
 from evaluate.arm.prefix import ARM_CPUS, arm_setup, arm_toolchain_status, default_prefix  # noqa: F401
-from evaluate.arm.runner import make_inputs, make_session
+from evaluate.arm.runner import InputError, open_model
 from evaluate.remote import ARM_PARTS
 from facekd.io import FacekdError, cli_main, sha256_file
 
@@ -73,16 +77,23 @@ def system_info() -> dict[str, Any]:
             "onnxruntime": onnxruntime.__version__, "device": device}
 
 
-def _open_session(path: Path, threads: int) -> Any:
+def _open_model(path: Path, threads: int, seed: int) -> tuple[Any, dict[str, Any]]:
+    runtime = "LiteRT" if path.suffix.lower() == ".tflite" else "onnxruntime"
     try:
-        return make_session(str(path), threads)
-    except Exception as err:  # onnxruntime raises its own exception types for unreadable models
-        raise FacekdError(f"{path}: onnxruntime cannot load it: {str(err).splitlines()[0]}") from None
+        return open_model(str(path), threads, seed)
+    except InputError as err:
+        raise FacekdError(f"{path}: {err}") from None
+    except ImportError as err:
+        raise FacekdError(f"{path}: timing it needs {runtime} on this machine (for .tflite: pip install -e "
+                          f"'.[litert]'): {err}") from None
+    except Exception as err:  # the runtimes raise their own exception types for unreadable models
+        raise FacekdError(f"{path}: {runtime} cannot load it: {str(err).splitlines()[0]}") from None
 
 
 def measure_latency(paths: Sequence[str | os.PathLike], threads: Sequence[int] = (1,), runs: int = 100,
                     warmup: int = 10, seed: int = 0) -> list[dict[str, Any]]:
-    """onnxruntime CPU latency of each model at each intra-op thread count, batch 1, in milliseconds.
+    """CPU latency of each model at each intra-op thread count, batch 1, in milliseconds: `.onnx` in onnxruntime,
+    `.tflite` in the LiteRT interpreter with its default XNNPACK delegate (`evaluate.arm.runner.open_model`).
 
     Models are timed in interleaved rounds (A B A B ...) so drift in machine load hits them alike, which makes the
     ratios vs the first model fair. One dict per (model, threads), with every run's time in `times_ms`.
@@ -99,24 +110,18 @@ def measure_latency(paths: Sequence[str | os.PathLike], threads: Sequence[int] =
     on_arm = info["arch"] in ("aarch64", "arm64")
     results: list[dict[str, Any]] = []
     for n_threads in threads:
-        sessions = [_open_session(p, int(n_threads)) for p in models]
-        feeds = []
-        for path, session in zip(models, sessions):
-            try:
-                feeds.append(make_inputs(session, seed))
-            except ValueError as err:
-                raise FacekdError(f"{path}: {err}") from None
+        opened = [_open_model(p, int(n_threads), seed) for p in models]
         for _ in range(warmup):
-            for session, feed in zip(sessions, feeds):
-                session.run(None, feed)
+            for run, _info in opened:
+                run()
         times = [[0.0] * runs for _ in models]
         for r in range(runs):
-            for i, (session, feed) in enumerate(zip(sessions, feeds)):
+            for i, (run, _info) in enumerate(opened):
                 start = time.perf_counter_ns()
-                session.run(None, feed)
+                run()
                 times[i][r] = (time.perf_counter_ns() - start) / 1e6
         first_median = None
-        for path, t in zip(models, times):
+        for path, t, (_run, run_info) in zip(models, times, opened):
             median = float(np.median(t))
             first_median = median if first_median is None else first_median
             results.append({
@@ -124,7 +129,9 @@ def measure_latency(paths: Sequence[str | os.PathLike], threads: Sequence[int] =
                 "runs": runs, "warmup": warmup, "median_ms": median, "p90_ms": float(np.percentile(t, 90)),
                 "mean_ms": float(np.mean(t)), "min_ms": float(np.min(t)), "ratio_vs_first": median / first_median,
                 "times_ms": t, "arch": info["arch"], "cpu": info["cpu"], "cores": info["cores"],
-                "onnxruntime": info["onnxruntime"],
+                "onnxruntime": info["onnxruntime"], "runtime": run_info["runtime"],
+                "runtime_version": run_info["version"], **({"xnnpack": run_info["xnnpack"]} if "xnnpack" in run_info
+                                                            else {}),
                 "arm_latency_ms": median if on_arm else None,
                 "arm_device": (info["device"] or info["cpu"]) if on_arm else None,
             })
@@ -163,28 +170,30 @@ def _print_table(rows: list[dict[str, Any]], arm: dict[str, dict[str, Any]]) -> 
     print(f"host: {first['cpu']}, {first['cores']} cores, {first['arch']}, onnxruntime {first['onnxruntime']}; "
           f"batch 1, {first['runs']} runs after {first['warmup']} warm-up, models interleaved")
     width = max(len(r["name"]) for r in rows) + 2
-    print(f"{'model':<{width}}  threads  median ms    p90 ms  vs first")
+    print(f"{'model':<{width}}  {'runtime':<18}  threads  median ms    p90 ms  vs first")
     for r in rows:
-        print(f"{r['name']:<{width}}  {r['threads']:>7}  {r['median_ms']:>9.3f}  {r['p90_ms']:>8.3f}  "
+        runtime = f"{r['runtime']} {r['runtime_version']}"
+        print(f"{r['name']:<{width}}  {runtime:<18}  {r['threads']:>7}  {r['median_ms']:>9.3f}  {r['p90_ms']:>8.3f}  "
               f"{r['ratio_vs_first']:>7.3f}x")
     if first["arm_latency_ms"] is None:
         print("ARM latency: not measured (this is not an aarch64 machine)")
     if arm:
         cpus = list(next(iter(arm.values())))
+        aw = width + 9  # room for " (LiteRT)"
         print("emulated ARM cost, aarch64 instructions per inference (QEMU, 1 thread; instructions, not time):")
-        print(f"{'model':<{width}}  " + "  ".join(f"{c:>14}" for c in cpus) + "  (median of runs; spread)")
+        print(f"{'model':<{aw}}  " + "  ".join(f"{c:>14}" for c in cpus) + "  (median of runs; spread)")
         base = None
         for path, per_cpu in arm.items():
-            name = Path(path).stem
+            name = Path(path).stem + (" (LiteRT)" if Path(path).suffix.lower() == ".tflite" else "")
             counts = [per_cpu[c]["instructions"] for c in cpus]
             base = base or counts
             spread = max(per_cpu[c]["spread"] for c in cpus)
             outliers = sum(n > per_cpu[c]["instructions"] * 1.001 for c in cpus
                            for n in per_cpu[c]["runs_instructions"])
-            print(f"{name:<{width}}  " + "  ".join(f"{n:>14,}" for n in counts) +
+            print(f"{name:<{aw}}  " + "  ".join(f"{n:>14,}" for n in counts) +
                   f"  ({spread:.3%}; {outliers} outlier run(s))")
             if counts is not base:
-                print(f"{'  vs first':<{width}}  " + "  ".join(f"{n / b:>13.3f}x" for n, b in zip(counts, base)))
+                print(f"{'  vs first':<{aw}}  " + "  ".join(f"{n / b:>13.3f}x" for n, b in zip(counts, base)))
 
 
 def _resolve_models(specs: list[str], workdir: Path, *, random_weights: bool = False) -> dict[str, str]:
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[
                                          __doc__.index("\n\n") + 2:])
     parser.add_argument("models", nargs="*", metavar="MODEL",
-                        help="ONNX file; or a facekd checkpoint, exported to ONNX first")
+                        help="ONNX or .tflite file; or a facekd checkpoint, exported to ONNX first")
     parser.add_argument("--threads", default="1", help="intra-op thread counts, comma-separated (default 1)")
     parser.add_argument("--runs", type=int, default=100, help="timed runs per model (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")

@@ -10,7 +10,9 @@ Here every conv -> BatchNorm -> PReLU is first rewritten, exactly for slopes a <
 
 i.e. a conv, a conv+ReLU and an add: the patterns the PT2E quantizer quantises and XNNPACK runs in int8. Layers with
 a slope > 1 keep nn.PReLU (reported). The fidelity report matches `quantize.ptq`'s: fp32-vs-int8 embedding cosine,
-verification accuracy of both, file sizes, host latency through the LiteRT interpreter (interleaved, 1 thread).
+verification accuracy of both, file sizes, host latency through the LiteRT interpreter (interleaved, 1 thread),
+the XNNPACK partitions of both graphs (`evaluate.arm.runner.delegate_partitions`) and, with the emulation prefix
+(`--arm`, as `results.pipeline`'s), aarch64 instructions per inference of both on cortex-a53/a72/a76.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from evaluate.arm.runner import delegate_partitions, make_interpreter
 from facekd.io import FacekdError, atomic_path, atomic_write_json, cli_main, provenance
 
 
@@ -176,18 +179,16 @@ def _add_quantizer_class():
     return AddQuantizer
 
 
-def _interpreter(path: str | Path, threads: int = 1):
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_path=str(path), num_threads=threads)
-    it.allocate_tensors()
-    return it
+XNNPACK_METHOD = ("LiteRT interpreter as applied by default (XNNPACK, 1 thread), after allocate_tensors: "
+                  "partitions = DELEGATE nodes; an op is inside one when reached walking back from the DELEGATE "
+                  "node's outputs to its inputs (evaluate.arm.runner.delegate_partitions)")
 
 
 def op_histogram(path: str | Path) -> dict[str, int]:
-    """TFLite builtin op -> count; DEQUANTIZE/QUANTIZE inside an int8 graph mark float islands."""
+    """TFLite builtin op -> count over the interpreter's node list after delegation: every original op plus one
+    DELEGATE node per XNNPACK partition. DEQUANTIZE/QUANTIZE inside an int8 graph mark float islands."""
     counts: dict[str, int] = {}
-    for op in _interpreter(path)._get_ops_details():
+    for op in make_interpreter(str(path))._get_ops_details():
         counts[op["op_name"]] = counts.get(op["op_name"], 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
@@ -197,7 +198,7 @@ class TfliteEmbedder:
 
     def __init__(self, path: str | Path, preprocessing: dict[str, Any], embedding_dim: int) -> None:
         self.path, self.preprocessing, self.embedding_dim = str(path), preprocessing, embedding_dim
-        self._it = _interpreter(path)
+        self._it = make_interpreter(str(path))
         self._in, self._out = self._it.get_input_details()[0], self._it.get_output_details()[0]
 
     def embed_float(self, x: np.ndarray) -> np.ndarray:
@@ -222,22 +223,6 @@ class TfliteEmbedder:
         return self.embed_float(preprocess(images, self.preprocessing))
 
 
-def measure_tflite_latency(paths: list[Path], runs: int = 100, warmup: int = 10) -> list[float]:
-    """Median ms per model through the LiteRT interpreter (XNNPACK, 1 thread, batch 1), interleaved rounds."""
-    its = [_interpreter(p) for p in paths]
-    rng = np.random.default_rng(0)
-    xs = [rng.integers(-10, 10, d["shape"]).astype(d["dtype"]) for d in (it.get_input_details()[0] for it in its)]
-    times: list[list[float]] = [[] for _ in its]
-    for r in range(warmup + runs):
-        for i, it in enumerate(its):
-            t = time.perf_counter()
-            it.set_tensor(it.get_input_details()[0]["index"], xs[i])
-            it.invoke()
-            if r >= warmup:
-                times[i].append((time.perf_counter() - t) * 1e3)
-    return [float(np.median(t)) for t in times]
-
-
 # ----------------------------------------------------------------------------------------------- CLI
 
 @cli_main
@@ -255,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output directory (default <model dir>/../litert)")
     p.add_argument("--run", help="run name for the results table (default from runs/NAME/...); rows get '-litert'")
     p.add_argument("--results", default="results/summary.csv", help="results table ('none' skips)")
+    p.add_argument("--arm", choices=("auto", "on", "off"), default="auto",
+                   help="count aarch64 instructions of both models under QEMU with the aarch64 LiteRT (auto: when "
+                        "`python -m evaluate.latency --arm-setup` installed it; on: fail when it cannot)")
+    p.add_argument("--notes", default="", help="text put first in the rows' notes (the pipeline's smoke note)")
     args = p.parse_args(argv)
     model_path = Path(args.model)
     if not model_path.is_file():
@@ -265,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_calib < 1:
         raise FacekdError(f"--num-calib must be >= 1, got {args.num_calib}")
     _require_litert()
+    from evaluate.arm.prefix import arm_enabled
+
+    count_arm = arm_enabled(args.arm, "litert")
     vset = None
     if args.eval != "none":
         from facedata import open_verification_set
@@ -299,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         "ops": {"fp32": op_histogram(fp32), "int8": op_histogram(int8)},
         "file_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}, "provenance": provenance()}
     report["float_islands"] = sum(report["ops"]["int8"].get(k, 0) for k in ("DEQUANTIZE", "QUANTIZE"))
+    report["xnnpack"] = {k: delegate_partitions(e._it) for k, e in emb.items()}
+    report["xnnpack"]["method"] = XNNPACK_METHOD
     if vset is not None:
         from evaluate.embed import embed_set
         from evaluate.metrics import verification_metrics
@@ -313,12 +307,17 @@ def main(argv: list[str] | None = None) -> int:
                                   "min": float(cos.min())},
                        "accuracy_drop_points": 100 * (metrics["fp32"]["accuracy"] - metrics["int8"]["accuracy"])})
     if args.runs > 0:
-        from evaluate.latency import system_info
+        from evaluate.latency import measure_latency, system_info
 
-        f_ms, i_ms = measure_tflite_latency([fp32, int8], runs=args.runs)
+        f_ms, i_ms = (r["median_ms"] for r in measure_latency([fp32, int8], runs=args.runs))
         report["latency"] = {"fp32_ms": f_ms, "int8_ms": i_ms, "int8_over_fp32": i_ms / f_ms, "host": system_info(),
                              "settings": f"LiteRT interpreter (XNNPACK), batch 1, 1 thread, 10 warm-up, {args.runs} "
                                          "runs each interleaved, median"}
+    if count_arm:
+        from evaluate.latency import ARM_CPUS, arm_instructions
+
+        report["arm_instructions"] = {k: arm_instructions(path, ARM_CPUS) for k, path in (("fp32", fp32),
+                                                                                         ("int8", int8))}
     atomic_write_json(out / "fidelity.json", report)
     print(format_report(report))
     if vset is not None and args.results != "none":
@@ -327,15 +326,24 @@ def main(argv: list[str] | None = None) -> int:
         lat, host = report.get("latency") or {}, (report.get("latency") or {}).get("host") or {}
         cpu = f"{host.get('cpu', '')} x{host.get('cores', '')} {host.get('arch', '')}".strip() if host else None
         run = f"{args.run or _run_name(model_path)}-litert"
+        from evaluate.latency import table_values
+
         common = dict(params=count_params(torch_model), macs=count_macs(torch_model), embedding_dim=dim,
                       host_cpu=cpu, runtime="litert", hardware="cpu (conversion, no training)")
+        arm = report.get("arm_instructions") or {}
+
+        def cells(k: str) -> dict[str, Any]:
+            x = report["xnnpack"][k]
+            note = f"LiteRT XNNPACK: {x['partitions']} partition(s), {x['ops_outside']} op(s) outside"
+            return {"notes": "; ".join(n for n in (args.notes, note) if n), **table_values(arm=arm.get(k))}
+
         stage = "pruned" if "pruned" in model_path.resolve().parts else "student"
         rows = [table.model_row(stage, getattr(torch_model, "arch", "model"), run, dataset=vset.name,
                                 metrics=report["metrics"]["fp32"], file_bytes=report["file_bytes"]["fp32"],
-                                host_latency_ms=lat.get("fp32_ms"), artifact=str(fp32), **common),
+                                host_latency_ms=lat.get("fp32_ms"), artifact=str(fp32), **common, **cells("fp32")),
                 table.model_row("int8", getattr(torch_model, "arch", "model"), run, dataset=vset.name,
                                 metrics=report["metrics"]["int8"], file_bytes=report["file_bytes"]["int8"],
-                                host_latency_ms=lat.get("int8_ms"), artifact=str(int8), **common)]
+                                host_latency_ms=lat.get("int8_ms"), artifact=str(int8), **common, **cells("int8"))]
         table.upsert_rows(rows, args.results)
         print(f"results: 2 rows -> {args.results}")
     return 0
@@ -344,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
 def format_report(r: dict[str, Any]) -> str:
     lines = [f"LiteRT: fp32 parity with PyTorch {r['fp32_parity_max_abs']:.1e}; int8 ops "
              + ", ".join(f"{k} {v}" for k, v in r["ops"]["int8"].items())
-             + f" ({r['float_islands']} QUANTIZE/DEQUANTIZE, {r['ops']['int8'].get('DELEGATE', 0)} XNNPACK partitions)",
+             + f" ({r['float_islands']} QUANTIZE/DEQUANTIZE)",
+             "  XNNPACK: " + "; ".join(f"{k} {x['partitions']} partition(s), {x['ops_outside']} of {x['ops']} ops "
+                                       f"outside {x['outside'] or ''}".rstrip() for k, x in r["xnnpack"].items()
+                                       if k != "method"),
              f"  file: fp32 {r['file_bytes']['fp32'] / 1e6:.3f} MB  int8 {r['file_bytes']['int8'] / 1e6:.3f} MB"]
     if "cosine" in r:
         m = r["metrics"]
@@ -354,6 +365,11 @@ def format_report(r: dict[str, Any]) -> str:
         lat = r["latency"]
         lines.append(f"  latency: fp32 {lat['fp32_ms']:.2f} ms  int8 {lat['int8_ms']:.2f} ms "
                      f"(int8/fp32 {lat['int8_over_fp32']:.2f}) [{lat['settings']}; {lat['host'].get('cpu', '')}]")
+    if "arm_instructions" in r:
+        arm = r["arm_instructions"]
+        lines.append("  aarch64 instructions per inference (QEMU, LiteRT, 1 thread; not time): " + "; ".join(
+            f"{cpu.removeprefix('cortex-')} fp32 {arm['fp32'][cpu] / 1e6:.1f}M int8 {arm['int8'][cpu] / 1e6:.1f}M"
+            for cpu in arm["fp32"]))
     return "\n".join(lines)
 
 

@@ -105,14 +105,9 @@ def _litert_enabled(choice: str) -> bool:
 
 
 def _arm_enabled(choice: str) -> bool:
-    from evaluate.latency import arm_toolchain_status
+    from evaluate.arm.prefix import arm_enabled
 
-    ok, reason = arm_toolchain_status()
-    if choice == "on" and not ok:
-        raise FacekdError(f"--arm on: {reason}")
-    if choice == "auto" and not ok:
-        print(f"[pipeline] emulated ARM instructions skipped: {reason}")
-    return ok and choice != "off"
+    return arm_enabled(choice, log=lambda msg: print(f"[pipeline] {msg}"))
 
 
 @cli_main
@@ -170,13 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         import quantize.litert
 
         num_calib = "64" if s["preset"] == "smoke" else "512"
-        quantize.litert.main([str(pruned / "model.safetensors"), "--calib", s["calib"], "--num-calib", num_calib,
-                              "--eval", s["val"][0] if s["val"] else s["data"], "--out", str(run_dir / "litert"),
-                              "--run", run_dir.name, "--results", str(args.results)])
         from engine.presets import preset_notes
 
-        if preset_notes(s["preset"]):  # quantize.litert knows no presets: mark its smoke rows here
-            table.update_columns({"run": f"{run_dir.name}-litert"}, {"notes": preset_notes(s["preset"])}, args.results)
+        # quantize.litert knows no presets: the smoke note goes in through --notes; --arm: the latency step's policy
+        quantize.litert.main([str(pruned / "model.safetensors"), "--calib", s["calib"], "--num-calib", num_calib,
+                              "--eval", s["val"][0] if s["val"] else s["data"], "--out", str(run_dir / "litert"),
+                              "--run", run_dir.name, "--results", str(args.results), "--arm", args.arm,
+                              "--notes", preset_notes(s["preset"])])
 
     def run_latency() -> None:
         models = [student / "model.onnx", pruned / "model.onnx", int8 / "model_int8.onnx"]

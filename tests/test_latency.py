@@ -94,7 +94,7 @@ def test_inputs_are_batch_one_and_seeded(models: tuple[Path, Path]) -> None:
 
 @pytest.mark.parametrize("argv, message", [
     (["missing.onnx"], "model not found: missing.onnx"),
-    (["{txt}"], "latency is measured on ONNX files"),
+    (["{txt}"], "latency is measured on ONNX (onnxruntime) or .tflite (LiteRT) files"),
     (["{bad}"], "onnxruntime cannot load it"),
     (["{model}", "--threads", "0"], "--threads: expected positive integers"),
     (["{model}", "--threads", "one"], "--threads: expected comma-separated integers"),
@@ -123,3 +123,117 @@ def test_missing_toolchain_is_reported_not_estimated(models: tuple[Path, Path], 
     assert not ok and "--arm-setup" in reason
     with pytest.raises(FacekdError, match="--arm-setup"):
         latency.arm_instructions(models[0], prefix=tmp_path / "no-prefix")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# .tflite models (LiteRT) and the emulation prefix's optional LiteRT step; counting under QEMU: test_latency_arm.py
+
+DATA = Path(__file__).parent / "data"
+TINY_TFLITE = {k: DATA / f"tiny_facenet_{k}.tflite" for k in ("fp32", "int8")}  # see test_latency_arm.py
+try:
+    import ai_edge_litert  # noqa: F401
+    _LITERT = ""
+except ImportError as err:
+    _LITERT = f'optional extra not installed (pip install -e ".[litert]"): {err}'
+needs_litert = pytest.mark.skipif(bool(_LITERT), reason=_LITERT)
+
+
+def test_cache_key_names_runtime_and_version(tmp_path: Path) -> None:
+    from evaluate.arm.emulate import cache_path
+
+    key = dict(prefix=tmp_path, digest="ab" * 32, cpu="cortex-a72", warmup=3, runs=5)
+    ort_entry = cache_path(runtime="onnxruntime", version="1.32.0", **key)
+    lite = cache_path(runtime="litert", version="2.3.0", **key)
+    assert ort_entry.name.startswith("abababababababab-cortex-a72-ort1.32.0-")  # the key ONNX entries always had
+    assert lite.name.startswith("abababababababab-cortex-a72-litert2.3.0-") and lite.name.endswith("-w3r5.json")
+    assert cache_path(runtime="litert", version="2.4.0", **key) != lite
+    assert lite.parent == ort_entry.parent == tmp_path / "cache"
+
+
+def test_litert_status_says_why_in_one_line(tmp_path: Path) -> None:
+    from evaluate.arm.prefix import litert_status
+
+    failed = "pip download ai-edge-litert==9.9 (aarch64, cp311) failed (exit 1): no matching distribution"
+    ok, why = litert_status(tmp_path, {"litert_error": failed})
+    assert not ok and why == (f"LiteRT instruction counts unavailable: {failed}; run: python -m evaluate.latency "
+                              f"--arm-setup --prefix {tmp_path} to retry")
+    ok, why = litert_status(tmp_path, {"litert": "2.3.0"})  # recorded, but the files are gone
+    assert not ok and "no aarch64 ai-edge-litert" in why and "\n" not in why
+    module = tmp_path / "root/usr/lib/python3/dist-packages/ai_edge_litert/interpreter.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("")
+    assert litert_status(tmp_path, {"litert": "2.3.0"}) == (True, f"LiteRT 2.3.0 in {tmp_path}")
+
+
+def test_litert_step_failure_is_recorded_and_onnx_setup_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from evaluate.arm import prefix as arm_prefix
+
+    before = {"python": "3.11", "onnxruntime": "1.32.0", "qemu": "7.2"}
+    (tmp_path / "setup.json").write_text(json.dumps(before))
+
+    def offline(cmd: list[str], what: str, **kwargs: object) -> None:
+        raise FacekdError(f"{what} failed (exit 1): no network")
+
+    monkeypatch.setattr(arm_prefix, "_run", offline)
+    logged: list[str] = []
+    setup = arm_prefix._record_litert(tmp_path, before, logged.append)
+    reason = setup["litert_error"]
+    assert reason.startswith("pip download ai-edge-litert") and reason.endswith("failed (exit 1): no network")
+    assert json.loads((tmp_path / "setup.json").read_text()) == {**before, "litert_error": reason}
+    assert any("ONNX counting is unaffected" in line for line in logged)
+    assert not (tmp_path / "tmp-litert").exists()
+
+
+@needs_litert
+def test_tflite_timed_in_litert_beside_onnx(models: tuple[Path, Path]) -> None:
+    rows = latency.measure_latency([TINY_TFLITE["fp32"], models[0]], runs=5, warmup=1)
+    assert [(r["name"], r["runtime"]) for r in rows] == [("tiny_facenet_fp32", "litert"), ("small", "onnxruntime")]
+    assert rows[0]["runtime_version"] == ai_edge_litert.__version__ and rows[1]["runtime_version"] == ort.__version__
+    assert rows[0]["xnnpack"] == {"partitions": 1, "ops": 32, "ops_outside": 0, "outside": {}}
+    assert all(r["median_ms"] > 0 for r in rows)
+
+
+@needs_litert
+def test_int8_tflite_gets_the_fp32_input_quantised() -> None:
+    from evaluate.arm.runner import interpreter_inputs, make_interpreter
+
+    outputs = []
+    for kind in ("fp32", "int8"):
+        it = make_interpreter(str(TINY_TFLITE[kind]))
+        (index, x), = interpreter_inputs(it, seed=2)
+        it.set_tensor(index, x)
+        it.invoke()
+        out = it.get_output_details()[0]
+        y = it.get_tensor(out["index"])[0].astype(np.float64)
+        scale, zero = out["quantization"]
+        outputs.append((y - zero) * scale if kind == "int8" else y)
+    assert x.dtype == np.int8
+    fp32, int8 = outputs
+    assert np.dot(fp32, int8) / np.linalg.norm(fp32) / np.linalg.norm(int8) > 0.98  # the same image, int8 rounding
+
+
+@needs_litert
+def test_delegate_partitions_against_an_undelegated_interpreter() -> None:
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from evaluate.arm.runner import delegate_partitions, make_interpreter
+
+    assert delegate_partitions(make_interpreter(str(TINY_TFLITE["int8"]))) == {
+        "partitions": 1, "ops": 22, "ops_outside": 0, "outside": {}}
+    plain = Interpreter(model_path=str(TINY_TFLITE["int8"]),
+                        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    plain.allocate_tensors()
+    found = delegate_partitions(plain)  # no delegate: every op runs in LiteRT's own kernels
+    assert found["partitions"] == 0 and found["ops_outside"] == found["ops"] == 22
+    assert found["outside"] == {"CONV_2D": 7, "ADD": 6, "DEPTHWISE_CONV_2D": 5, "PAD": 2, "TRANSPOSE": 1,
+                                "FULLY_CONNECTED": 1}
+
+
+def test_unreadable_tflite_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "corrupt.tflite"
+    bad.write_bytes(b"not a flatbuffer")
+    with pytest.raises(SystemExit) as exc:
+        latency.main([str(bad), "--runs", "1", "--warmup", "0"])
+    err = capsys.readouterr().err.strip()
+    expected = "LiteRT cannot load it" if not _LITERT else "timing it needs LiteRT on this machine"
+    assert exc.value.code == 2 and err.startswith(f"error: {bad}: ") and expected in err and "\n" not in err

@@ -1,7 +1,13 @@
 """Emulated ARM cost: aarch64 instructions per inference under QEMU with the project's counting plugin.
 
 Needs the toolchain (`python -m evaluate.latency --arm-setup`, or `.ci/arm-setup`); skipped with the reason when
-it is absent. The one CI test of this path: a tiny conv net, fp32 twice (repeatability) and int8 once, on the A76.
+it is absent. The CI tests of this path: a tiny conv net in onnxruntime, fp32 twice (repeatability) and int8 once,
+on the A76; a tiny MobileFaceNet-like `.tflite` in LiteRT (skipped with the reason when the prefix has no aarch64
+LiteRT), fp32 twice and int8 on the A53 and the A76.
+
+The `.tflite` fixtures (tests/data/tiny_facenet_{fp32,int8}.tflite) are committed, so this test needs no litert
+extra on the host; they are tests/test_quantize.py's TinyFaceNet() exported by quantize.litert.export_tflite (int8:
+prelu_to_twin_conv, calibrated on the first 16 synthfaces:tiny images, seed 0).
 """
 from __future__ import annotations
 
@@ -11,9 +17,10 @@ import numpy as np
 import pytest
 
 from evaluate import latency
-from test_latency import tiny_onnx
+from test_latency import TINY_TFLITE, tiny_onnx
 
 _OK, _REASON = latency.arm_toolchain_status()
+_LITERT_OK, _LITERT_REASON = latency.arm_toolchain_status(runtime="litert")
 
 pytestmark = [pytest.mark.arm, pytest.mark.slow, pytest.mark.skipif(not _OK, reason=_REASON)]
 
@@ -50,3 +57,21 @@ def test_instruction_count_repeatable_and_int8_cheaper_on_a76(tmp_path: Path) ->
     # the cache returns the recorded count without emulating again
     cached = latency.arm_instruction_record(int8, "cortex-a76")
     assert cached["cached"] and cached["instructions"] == quantized["cortex-a76"]
+
+
+@pytest.mark.skipif(not _LITERT_OK, reason=_LITERT_REASON)
+def test_litert_instruction_count_repeatable_one_partition_per_core() -> None:
+    first = latency.arm_instruction_record(TINY_TFLITE["fp32"], "cortex-a76", use_cache=False)
+    again = latency.arm_instruction_record(TINY_TFLITE["fp32"], "cortex-a76", use_cache=False)
+    assert first["runtime"] == "litert" and first["litert"] and "onnxruntime" not in first
+    assert first["instructions"] > 100_000 and len(first["runs_instructions"]) == first["runs"] >= 3
+    assert abs(again["instructions"] - first["instructions"]) <= 1e-3 * first["instructions"]
+    # the aarch64 interpreter delegates the whole graph to XNNPACK, as the host's does
+    assert first["xnnpack"] == {"partitions": 1, "ops": 32, "ops_outside": 0, "outside": {}}
+    a53, a76 = (latency.arm_instruction_record(TINY_TFLITE["int8"], cpu, use_cache=False)
+                for cpu in ("cortex-a53", "cortex-a76"))
+    # XNNPACK picks its int8 kernels by core: the A76's dot-product kernels execute fewer instructions
+    assert 0 < a76["instructions"] < a53["instructions"]
+    assert a76["xnnpack"]["partitions"] == 1 and a76["xnnpack"]["ops_outside"] == 0
+    cached = latency.arm_instruction_record(TINY_TFLITE["int8"], "cortex-a76")
+    assert cached["cached"] and cached["instructions"] == a76["instructions"]

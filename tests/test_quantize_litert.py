@@ -2,7 +2,10 @@
 PyTorch; int8 .tflite is close, mostly int8 and runs as one XNNPACK partition."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -42,7 +45,8 @@ def test_cli_refuses_onnx_input(tmp_path, capsys):
 @needs_litert
 @pytest.mark.slow
 def test_tflite_fp32_parity_and_int8_one_partition(tmp_path):
-    from quantize.litert import TfliteEmbedder, export_tflite, measure_tflite_latency, op_histogram
+    from evaluate.latency import measure_latency
+    from quantize.litert import TfliteEmbedder, export_tflite, op_histogram
 
     x = preprocess(load_calibration_images("synthfaces:tiny", 24, seed=0), PRE)
     model = TinyFaceNet().eval()
@@ -57,12 +61,13 @@ def test_tflite_fp32_parity_and_int8_one_partition(tmp_path):
     ops = op_histogram(int8)
     assert ops["DELEGATE"] == 1 and ops["CONV_2D"] == 7  # one XNNPACK partition, twin convs
     assert not {"PRELU", "MUL", "DEQUANTIZE", "QUANTIZE"} & set(ops)  # no float island left
-    assert all(ms > 0 for ms in measure_tflite_latency([fp32, int8], runs=3, warmup=1))
+    assert all(r["median_ms"] > 0 and r["runtime"] == "litert" for r in measure_latency([fp32, int8], runs=3, warmup=1))
 
 
 @needs_litert
 @pytest.mark.slow
 def test_maxmul_form_is_int8_with_one_maximum_per_prelu(tmp_path):
+    from evaluate.arm.runner import delegate_partitions, make_interpreter
     from quantize.litert import TfliteEmbedder, export_tflite, op_histogram, prelu_to_maxmul
 
     x = preprocess(load_calibration_images("synthfaces:tiny", 24, seed=0), PRE)
@@ -76,6 +81,55 @@ def test_maxmul_form_is_int8_with_one_maximum_per_prelu(tmp_path):
     ops = op_histogram(int8)
     assert ops["MAXIMUM"] == 5 and ops["MUL"] == 5 and ops["CONV_2D"] == 4
     assert not {"PRELU", "DEQUANTIZE", "QUANTIZE"} & set(ops)
+    # XNNPACK takes no int8 MAXIMUM: the five maxima run outside it and split the graph around them
+    split = delegate_partitions(make_interpreter(str(int8)))
+    assert split["outside"] == {"MAXIMUM": 5} and split["partitions"] == ops["DELEGATE"] > 1
     got = TfliteEmbedder(int8, PRE, 16).embed_float(x[16:])
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.98, cos
+
+
+@needs_litert
+def test_cli_arm_on_without_litert_in_the_prefix_is_refused_before_conversion(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FACEKD_ARM_PREFIX", str(tmp_path / "no-prefix"))
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"x")  # never read: the refusal comes first
+    with pytest.raises(SystemExit) as exc:
+        litert_main([str(ckpt), "--arm", "on", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: --arm on: no emulation prefix at ") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@needs_litert
+@pytest.mark.slow
+def test_cli_reports_partitions_and_fills_arm_columns_when_the_prefix_can(tmp_path, capsys):
+    """fidelity.json and the two rows: XNNPACK partitions of both graphs; with the aarch64 LiteRT in the emulation
+    prefix (`--arm auto`), instructions per core in the rows equal to what evaluate.latency counts for the file."""
+    from evaluate.latency import ARM_CPUS, arm_instruction_record, arm_toolchain_status
+    from facekd import table
+    from facekd.models import register_model, save_checkpoint
+
+    name = "litert-test-tinyfacenet"
+    register_model(name, kind="any")(lambda **kw: TinyFaceNet(**kw))
+    save_checkpoint(TinyFaceNet().eval(), tmp_path / "pruned" / "model.safetensors", arch=name, kwargs={})
+    results = tmp_path / "summary.csv"
+    assert litert_main([str(tmp_path / "pruned" / "model.safetensors"), "--calib", "synthfaces:tiny", "--num-calib",
+                        "16", "--eval", "synthfaces:tiny", "--runs", "3", "--run", "t", "--results", str(results),
+                        "--notes", "smoke preset: x"]) == 0
+    report = json.loads((tmp_path / "litert" / "fidelity.json").read_text())
+    assert report["xnnpack"]["int8"] == {"partitions": 1, "ops": 22, "ops_outside": 0, "outside": {}}
+    assert report["xnnpack"]["fp32"]["partitions"] == 1 and "DELEGATE" in report["xnnpack"]["method"]
+    rows = table.read_table(results).set_index("stage")
+    assert set(rows.index) == {"pruned", "int8"} and set(rows["runtime"]) == {"litert"}
+    assert rows.loc["int8", "notes"] == "smoke preset: x; LiteRT XNNPACK: 1 partition(s), 0 op(s) outside"
+    can_count, why = arm_toolchain_status(runtime="litert")
+    out = capsys.readouterr().out
+    for kind, stage in (("fp32", "pruned"), ("int8", "int8")):
+        cells = [rows.loc[stage, f"arm_instr_{cpu.removeprefix('cortex-')}"] for cpu in ARM_CPUS]
+        if not can_count:
+            assert all(pd.isna(c) for c in cells) and f"emulated ARM instructions skipped: {why}" in out
+            continue
+        path = tmp_path / "litert" / f"model_{kind}.tflite"
+        expected = [arm_instruction_record(path, cpu)["instructions"] for cpu in ARM_CPUS]  # cached by the run
+        assert [int(c) for c in cells] == expected == [report["arm_instructions"][kind][c] for c in ARM_CPUS]

@@ -1,8 +1,9 @@
-"""Emulated ARM cost: one inference of an ONNX model counted in aarch64 instructions under QEMU user-mode emulation.
+"""Emulated ARM cost: one inference of an ONNX (onnxruntime) or `.tflite` (LiteRT) model counted in aarch64
+instructions under QEMU user-mode emulation.
 
 The host side of `runner.py`: it starts the prefix's aarch64 Python under `qemu-aarch64 -cpu CPU` with the
 counting plugin (`insncount.c`), runs `runner.py MODEL` there, and turns the plugin's per-window counts into one
-record, cached in the prefix per (model sha256, cpu, onnxruntime, runner and plugin source).
+record, cached in the prefix per (model sha256, cpu, runtime and its version, runner and plugin source).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from evaluate.arm.prefix import ARM_CPUS, ARM_DIR, PLUGIN_SOURCE, _build_plugin, _guest_python, _qemu, \
-    arm_toolchain_status, default_prefix
+    arm_toolchain_status, default_prefix, runtime_of
 from facekd.io import FacekdError, atomic_write_json, sha256_file
 
 RUNNER = ARM_DIR / "runner.py"
@@ -25,19 +26,25 @@ _EMULATION_TIMEOUT_S = 1800
 
 
 def check_model(path: str | os.PathLike) -> Path:
-    """`path` when it is an ONNX file (host timing and emulation both run ONNX), else a one-line error."""
+    """`path` when it is an ONNX or `.tflite` file (what host timing and emulation run), else a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise FacekdError(f"model not found: {path}")
-    if path.suffix.lower() != ".onnx":
-        raise FacekdError(f"{path}: latency is measured on ONNX files; export the model first "
-                          "(facekd.models.export_onnx)")
+    if path.suffix.lower() not in (".onnx", ".tflite"):
+        raise FacekdError(f"{path}: latency is measured on ONNX (onnxruntime) or .tflite (LiteRT) files; export "
+                          "the model first (facekd.models.export_onnx, quantize.litert)")
     return path
 
 
 def _source_hash() -> str:
     h = hashlib.sha256(PLUGIN_SOURCE.read_bytes() + RUNNER.read_bytes())
     return h.hexdigest()[:12]
+
+
+def cache_path(prefix: Path, digest: str, cpu: str, runtime: str, version: str, warmup: int, runs: int) -> Path:
+    """The prefix's cache entry of one count: model sha256, core, runtime + version, runner/plugin source, method."""
+    tag = {"onnxruntime": "ort"}.get(runtime, runtime)  # "ort": the key ONNX entries had before LiteRT existed
+    return prefix / "cache" / f"{digest[:16]}-{cpu}-{tag}{version}-{_source_hash()}-w{warmup}r{runs}.json"
 
 
 def arm_instruction_record(path: str | os.PathLike, cpu: str, *, prefix: str | os.PathLike | None = None,
@@ -53,12 +60,13 @@ def arm_instruction_record(path: str | os.PathLike, cpu: str, *, prefix: str | o
     if cpu not in ARM_CPUS:
         raise FacekdError(f"--arm-cpus: unknown CPU {cpu!r}; choose from: {', '.join(ARM_CPUS)}")
     prefix = Path(prefix).expanduser() if prefix else default_prefix()
-    ok, reason = arm_toolchain_status(prefix)
+    runtime = runtime_of(model)
+    ok, reason = arm_toolchain_status(prefix, runtime=runtime)
     if not ok:
         raise FacekdError(reason)
     setup = json.loads((prefix / "setup.json").read_text())
     digest = sha256_file(model)
-    cache = prefix / "cache" / f"{digest[:16]}-{cpu}-ort{setup['onnxruntime']}-{_source_hash()}-w{warmup}r{runs}.json"
+    cache = cache_path(prefix, digest, cpu, runtime, setup[runtime], warmup, runs)
     if use_cache and cache.is_file():
         try:
             record = json.loads(cache.read_text())
@@ -97,7 +105,8 @@ def arm_instruction_record(path: str | os.PathLike, cpu: str, *, prefix: str | o
         "runs_instructions": per_run, "marker_overhead": overhead,
         "spread": (max(per_run) - min(per_run)) / median if median else 0.0,
         "outlier_runs": sum(c > median * 1.001 for c in per_run), "warmup": warmup, "runs": runs,
-        "onnxruntime": guest["onnxruntime"], "guest_python": guest["python"], "numpy": guest["numpy"],
+        "runtime": guest["runtime"], guest["runtime"]: guest["version"], "guest_python": guest["python"],
+        "numpy": guest["numpy"], **({"xnnpack": guest["xnnpack"]} if "xnnpack" in guest else {}),
         "qemu": setup.get("qemu"), "emulation_wall_s": round(wall, 2), "cached": False,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -107,7 +116,7 @@ def arm_instruction_record(path: str | os.PathLike, cpu: str, *, prefix: str | o
 
 def arm_instructions(path: str | os.PathLike, cpus: Sequence[str] = ARM_CPUS, *,
                      prefix: str | os.PathLike | None = None, use_cache: bool = True) -> dict[str, int]:
-    """aarch64 instructions per inference of an ONNX model under QEMU, per `-cpu` model (one intra-op thread).
+    """aarch64 instructions per inference of an ONNX or `.tflite` model under QEMU, per `-cpu` model (1 thread).
 
     Raises FacekdError saying what is missing when the toolchain is not installed (see `arm_toolchain_status`).
     """

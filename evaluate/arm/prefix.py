@@ -1,12 +1,14 @@
 """The emulation prefix: what counting aarch64 instructions under QEMU needs, installed once (`--arm-setup`).
 
 Host: qemu-user and gcc. Prefix ($FACEKD_ARM_PREFIX, default ~/.cache/facekd/arm):
-    root/            aarch64 Debian packages + numpy/onnxruntime wheels (usr/lib/python3/dist-packages)
+    root/            aarch64 Debian packages + numpy/onnxruntime wheels (usr/lib/python3/dist-packages), and the
+                     ai-edge-litert wheel when PyPI has one (optional: `.tflite` counting; ONNX works without it)
     cpu/<name>/      per -cpu model: proc/cpuinfo + links to root/{lib,usr,etc}; given to qemu as -L
     include/         qemu-plugin.h from the Debian qemu source package matching qemu-user
     lib/             the compiled plugin, named by a hash of its source
-    cache/           one JSON per (model sha256, cpu, onnxruntime, runner+plugin source), see `emulate`
-    setup.json       what setup installed, written last
+    cache/           one JSON per (model sha256, cpu, runtime + version, runner+plugin source), see `emulate`
+    setup.json       what setup installed, written last; "litert" (its version) or "litert_error" (why not) is
+                     added by a separate step, so an older prefix gains LiteRT without being rebuilt
 """
 from __future__ import annotations
 
@@ -40,6 +42,15 @@ _CPUINFO = {
 # aarch64 Debian packages that make a Python able to import numpy and onnxruntime ({py} = 3.11 on bookworm).
 _ARM_DEBS = ("python{py}-minimal", "libpython{py}-minimal", "libpython{py}-stdlib", "libc6", "zlib1g", "libexpat1",
              "libffi8", "libgcc-s1", "libstdc++6")
+
+
+RUNTIMES = {".onnx": "onnxruntime", ".tflite": "litert"}
+_SITE = "root/usr/lib/python3/dist-packages"
+
+
+def runtime_of(path: str | os.PathLike) -> str:
+    """The runtime that runs a model file: onnxruntime for `.onnx`, litert for `.tflite`."""
+    return RUNTIMES.get(Path(path).suffix.lower(), "onnxruntime")
 
 
 def default_prefix() -> Path:
@@ -81,8 +92,9 @@ def _build_plugin(prefix: Path) -> Path:
     return out
 
 
-def arm_toolchain_status(prefix: str | os.PathLike | None = None) -> tuple[bool, str]:
-    """(True, summary) when instructions can be counted, else (False, what is missing and how to install it)."""
+def arm_toolchain_status(prefix: str | os.PathLike | None = None, runtime: str = "onnxruntime") -> tuple[bool, str]:
+    """(True, summary) when instructions of `runtime`'s models (onnxruntime, litert) can be counted, else (False,
+    what is missing and how to install it)."""
     prefix = Path(prefix).expanduser() if prefix else default_prefix()
     setup_hint = f"run: python -m evaluate.latency --arm-setup --prefix {prefix}"
     qemu = _qemu()
@@ -102,8 +114,36 @@ def arm_toolchain_status(prefix: str | os.PathLike | None = None) -> tuple[bool,
     if not _plugin_path(prefix).is_file():
         if not (prefix / "include" / PLUGIN_HEADER).is_file() or not (shutil.which("gcc") or shutil.which("cc")):
             return False, f"QEMU plugin not built and cannot be (needs gcc and {PLUGIN_HEADER}); {setup_hint}"
+    if runtime == "litert":
+        ok, reason = litert_status(prefix, setup)
+        if not ok:
+            return False, reason
     return True, (f"qemu-aarch64 {setup.get('qemu', '?')}, aarch64 Python {setup.get('python', '?')}, "
-                  f"onnxruntime {setup.get('onnxruntime', '?')} in {prefix}")
+                  f"onnxruntime {setup.get('onnxruntime', '?')}, LiteRT {setup.get('litert') or 'absent'} in {prefix}")
+
+
+def arm_enabled(choice: str, runtime: str = "onnxruntime", *, prefix: str | os.PathLike | None = None,
+                log: Callable[[str], None] = print) -> bool:
+    """The `--arm auto|on|off` policy every stage shares: off never counts; on counts or fails in one line (call it
+    before heavy work); auto counts when the prefix can count `runtime`'s models, else says why in one line."""
+    if choice == "off":
+        return False
+    ok, reason = arm_toolchain_status(prefix, runtime)
+    if not ok and choice == "on":
+        raise FacekdError(f"--arm on: {reason}")
+    if not ok:
+        log(f"emulated ARM instructions skipped: {reason}")
+    return ok
+
+
+def litert_status(prefix: Path, setup: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the prefix's aarch64 Python has LiteRT (`setup.json` of a prefix that is otherwise complete)."""
+    hint = f"run: python -m evaluate.latency --arm-setup --prefix {prefix}"
+    if setup.get("litert") and (prefix / _SITE / "ai_edge_litert/interpreter.py").is_file():
+        return True, f"LiteRT {setup['litert']} in {prefix}"
+    if setup.get("litert_error"):
+        return False, f"LiteRT instruction counts unavailable: {setup['litert_error']}; {hint} to retry"
+    return False, f"LiteRT instruction counts unavailable: no aarch64 ai-edge-litert in {prefix}; {hint}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,26 +253,22 @@ def _install_guest_python(prefix: Path, work: Path, codename: str, log: Callable
     return py
 
 
-def _install_wheels(prefix: Path, work: Path, py: str, log: Callable[[str], None]) -> dict[str, str]:
-    import onnxruntime
-
-    site = prefix / "root/usr/lib/python3/dist-packages"
-    wheels = work / "wheels"
-    wheels.mkdir(exist_ok=True)
-    # The same onnxruntime as the host, so host latency and emulated counts come from the same kernels.
-    version = onnxruntime.__version__
-    log(f"downloading aarch64 wheels: onnxruntime=={version}, numpy (for Python {py})")
+def _download_wheels(prefix: Path, wheels: Path, py: str, specs: list[str]) -> dict[str, str]:
+    """pip-download aarch64 CPython `py` wheels of `specs` (no dependencies) and unpack them into the prefix's
+    site-packages, replacing a previous setup's versions; {distribution: version}."""
+    site = prefix / _SITE
+    wheels.mkdir(parents=True, exist_ok=True)
     platforms = [f"--platform={p}" for p in ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64",
                                             "manylinux2014_aarch64", "manylinux_2_17_aarch64")]
     tag = py.replace(".", "")
     _run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--no-deps", *platforms,
-          f"--python-version={py}", "--implementation=cp", f"--abi=cp{tag}", "-d", str(wheels),
-          f"onnxruntime=={version}", "numpy"], f"pip download onnxruntime=={version} numpy (aarch64, cp{tag})")
-    for stale in [*site.glob("onnxruntime*"), *site.glob("numpy*")]:  # a previous setup's versions
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+          f"--python-version={py}", "--implementation=cp", f"--abi=cp{tag}", "-d", str(wheels), *specs],
+         f"pip download {' '.join(specs)} (aarch64, cp{tag})")
     found: dict[str, str] = {}
     for wheel in sorted(wheels.glob("*.whl")):
         name, ver = wheel.name.split("-")[:2]
+        for stale in site.glob(f"{name}*"):  # a previous setup's version
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         with zipfile.ZipFile(wheel) as zf:
             for member in zf.infolist():
                 target = zf.extract(member, site)
@@ -241,6 +277,64 @@ def _install_wheels(prefix: Path, work: Path, py: str, log: Callable[[str], None
                     os.chmod(target, mode & 0o777)
         found[name.lower()] = ver
     return found
+
+
+def _install_wheels(prefix: Path, work: Path, py: str, log: Callable[[str], None]) -> dict[str, str]:
+    import onnxruntime
+
+    # The same onnxruntime as the host, so host latency and emulated counts come from the same kernels.
+    version = onnxruntime.__version__
+    log(f"downloading aarch64 wheels: onnxruntime=={version}, numpy (for Python {py})")
+    return _download_wheels(prefix, work / "wheels", py, [f"onnxruntime=={version}", "numpy"])
+
+
+def _host_litert() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("ai-edge-litert")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def install_litert(prefix: Path, *, log: Callable[[str], None] = print) -> dict[str, str]:
+    """The optional LiteRT step: the aarch64 ai-edge-litert wheel (the host's version when the host has one, else
+    PyPI's newest) into a finished prefix, checked by importing it under QEMU. Returns the setup.json entries:
+    {"litert": version} or {"litert_error": why}; never raises, since ONNX counting does not need it. Its
+    interpreter imports only numpy (already in the prefix), so none of the wheel's declared dependencies are
+    installed."""
+    setup = json.loads((prefix / "setup.json").read_text())
+    version = _host_litert()
+    spec = f"ai-edge-litert=={version}" if version else "ai-edge-litert"
+    work = prefix / "tmp-litert"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        log(f"downloading the aarch64 LiteRT wheel: {spec} (for Python {setup['python']})")
+        found = _download_wheels(prefix, work, setup["python"], [spec])
+        probe = _run([_qemu() or "qemu-aarch64", "-L", str(prefix / "cpu/cortex-a76"), "-cpu", "cortex-a76",
+                      str(_guest_python(prefix)), "-I", "-c",
+                      "import ai_edge_litert; from ai_edge_litert.interpreter import Interpreter; "
+                      "print(ai_edge_litert.__version__)"],
+                     "emulated LiteRT import", env={"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1"})
+        entry = {"litert": probe.stdout.strip().splitlines()[-1] or found.get("ai_edge_litert", "?")}
+        log(f"LiteRT {entry['litert']} imports in the emulated Python")
+    except FacekdError as err:
+        entry = {"litert_error": str(err)}
+        log(f"LiteRT instruction counts unavailable ({err}); ONNX counting is unaffected")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return entry
+
+
+def _record_litert(prefix: Path, setup: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """Run the LiteRT step on a finished prefix unless it already holds the wanted version; update setup.json."""
+    wanted = _host_litert()
+    if setup.get("litert") and (wanted is None or setup["litert"] == wanted) and litert_status(prefix, setup)[0]:
+        return setup
+    setup = {k: v for k, v in setup.items() if k not in ("litert", "litert_error")}
+    setup.update(install_litert(prefix, log=log))
+    atomic_write_json(prefix / "setup.json", setup)
+    return setup
 
 
 def _write_overlays(prefix: Path) -> None:
@@ -261,7 +355,8 @@ def arm_setup(prefix: str | os.PathLike | None = None, *, log: Callable[[str], N
 
     Host: qemu-user and gcc (apt-get install when missing and root). Prefix: qemu-plugin.h from Debian's qemu source
     package, the compiled plugin, aarch64 Debian packages for Python (unpacked with dpkg-deb, the host's dpkg
-    untouched), numpy and onnxruntime aarch64 wheels from PyPI, and a /proc/cpuinfo per emulated CPU.
+    untouched), numpy and onnxruntime aarch64 wheels from PyPI, and a /proc/cpuinfo per emulated CPU; then, as its
+    own step that may fail without failing the setup, the aarch64 ai-edge-litert wheel (`install_litert`).
     """
     prefix = Path(prefix).expanduser() if prefix else default_prefix()
     start = time.perf_counter()
@@ -271,6 +366,7 @@ def arm_setup(prefix: str | os.PathLike | None = None, *, log: Callable[[str], N
         setup = json.loads((prefix / "setup.json").read_text())
         if setup.get("onnxruntime") == onnxruntime.__version__:  # else: follow the host's onnxruntime
             _build_plugin(prefix)
+            setup = _record_litert(prefix, setup, log)  # a prefix set up before LiteRT gains it here
             log(f"already set up in {prefix}")
             return setup
     prefix.mkdir(parents=True, exist_ok=True)
@@ -301,6 +397,7 @@ def arm_setup(prefix: str | os.PathLike | None = None, *, log: Callable[[str], N
              "debian": codename, "probe": probe.stdout.strip(), "setup_wall_s": round(time.perf_counter() - start, 1),
              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write_json(prefix / "setup.json", setup)
+    setup = _record_litert(prefix, setup, log)
     size = sum(f.stat().st_size for f in prefix.rglob("*") if f.is_file() and not f.is_symlink())
     log(f"set up in {setup['setup_wall_s']} s, {size / 1e6:.0f} MB in {prefix}: {setup['probe']}")
     return setup
