@@ -510,6 +510,8 @@ def adopt_runs(args: argparse.Namespace, base_args: argparse.Namespace, record: 
                 "logit_scale": base_args.logit_scale, "feature_metric": base_args.feature_metric,
                 "adadistill_m": base_args.adadistill_m,
                 "weights": {n: getattr(base_args, f"w_{n}") for n in DEFAULT_WEIGHTS}}
+        if variant == "none":  # no teacher and no KD loss touch a no-KD student: it serves any teacher's study
+            want = {k: want[k] for k in ("student", "margin", "s", "m")}
         diff = [f"{k}: {st.get(k)!r} vs {v!r}" for k, v in want.items() if st.get(k) != v]
         diff += [f"train.{k}: {train.get(k)!r} vs {want_train[k]!r}" for k in fixed if train.get(k) != want_train[k]]
         if manifest.get("inputs", {}).get("dataset") != dataset.fingerprint:

@@ -177,6 +177,14 @@ def test_adopt_records_a_matching_distill_run_and_refuses_others(tmp_path, monke
         study.main([*argv[:-6], "--data", "synthfaces:tiny", "--preset", "smoke", "--steps", "3", "--workers", "0",
                     "--adopt", "runs/solo", "--out", "runs/other"])
     assert "train.steps: 2 vs 3" in capsys.readouterr().err
+    # a no-KD student is the same whoever the teacher: another teacher's study may adopt it, not with other margins
+    assert study.main([*argv[:-6], *common, "--teacher", "dlib_resnet", "--variants", "none", "--seeds", "1",
+                       "--adopt", "runs/solo", "--out", "runs/dlib", "--plan", "--no-results"]) == 0
+    assert "adopt: none/seed1 <- runs/solo/student" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        study.main([*argv[:-6], *common, "--teacher", "dlib_resnet", "--variants", "none", "--seeds", "1",
+                    "--margin", "cosface", "--adopt", "runs/solo", "--out", "runs/dlib-m", "--plan", "--no-results"])
+    assert "margin: 'arcface' vs 'cosface'" in capsys.readouterr().err
     assert study.main([*argv, "--adopt", "runs/solo", "--plan"]) == 0
     out = capsys.readouterr().out
     assert "adopt: none/seed1 <- runs/solo/student" in out and "remaining (0)" in out
