@@ -56,42 +56,47 @@ def target_table(model: Path, reference: Path, torch_models: tuple[Any, Any], ca
                  targets: Sequence[str], runtimes: Sequence[str], *, runs: int = 100,
                  log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Per target: one row per runtime (cheapest exact fp32 of `reference` and of `model`, cheapest int8 of
-    `model`) and its `best` row. `torch_models` = (model, reference) PyTorch modules, needed for LiteRT. Host-ms
-    targets re-time every winner of every runtime side by side (forms were timed in separate rounds)."""
-    from quantize import litert
+    `model`) and its `best` row. `torch_models` = (model, reference) PyTorch modules, needed for LiteRT. Every
+    candidate is built once and costed per target; host-ms targets re-time every winner of every runtime side by
+    side (the forms were timed in separate rounds)."""
+    from quantize import litert, target as tg
     from quantize.calib import preprocess
     from quantize.core import read_preprocessing
-    from quantize.target import best_fp32, best_int8, cost_unit, costs, resolve_target
 
     x = preprocess(calib_images[:8], read_preprocessing(reference))
     table: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="facekd-targets-") as tmp:
+        built: dict[str, dict[str, dict[str, Any]]] = {}  # runtime -> {ref, own, int8: candidates}
+        for runtime in runtimes:
+            d = {k: Path(tmp) / runtime / k for k in ("ref", "own", "int8")}
+            for path in d.values():
+                path.mkdir(parents=True)
+            if runtime == "onnxruntime":
+                built[runtime] = {"ref": tg.fp32_candidates(reference, x, d["ref"]),
+                                  "own": tg.fp32_candidates(model, x, d["own"]),
+                                  "int8": tg.int8_candidates(model, calib_images, d["int8"], log=log)}
+            else:
+                own_m, ref_m = torch_models
+                built[runtime] = {"ref": litert.fp32_candidates(ref_m, x, d["ref"], log=log),
+                                  "own": litert.fp32_candidates(own_m, x, d["own"], log=log),
+                                  "int8": litert.int8_candidates(own_m, preprocess(calib_images, own_m.preprocessing),
+                                                                 d["int8"], log=log)}
         for target in targets:
-            target, rows, files = resolve_target(target), [], []
+            target, rows, files = tg.resolve_target(target), [], []
             for runtime in runtimes:
-                d = Path(tmp) / runtime / target
-                d.mkdir(parents=True)
-                if runtime == "onnxruntime":
-                    paths = [d / f"{k}.onnx" for k in ("ref", "own", "int8")]
-                    ref = best_fp32(reference, paths[0], x, target, runs=runs, log=log)
-                    own = best_fp32(model, paths[1], x, target, runs=runs, log=log)
-                    q = best_int8(model, paths[2], calib_images, target, runs=runs, log=log)["target"]
-                else:
-                    paths = [d / f"{k}.tflite" for k in ("ref", "own", "int8")]
-                    own_m, ref_m = torch_models
-                    ref = litert.best_fp32(ref_m, paths[0], x, target, runs=runs, log=log)
-                    own = litert.best_fp32(own_m, paths[1], x, target, runs=runs, log=log)
-                    q = litert.best_int8(own_m, paths[2], preprocess(calib_images, own_m.preprocessing), target,
-                                         runs=runs, log=log)
-                files += paths
-                rows.append({"target": target, "runtime": runtime, "unit": cost_unit(target),
-                             "fp32_reference_form": ref["form"], "fp32_reference": ref["costs"][ref["form"]],
-                             "fp32_form": own["form"], "fp32": own["costs"][own["form"]],
-                             "int8_form": q["form"], "int8": q["costs"][q["form"]],
-                             "forms": {"fp32_reference": ref["costs"], "fp32": own["costs"], "int8": q["costs"]},
-                             "int8_held_out_cosine": q["held_out_cosine"]})
-            if cost_unit(target) == "ms":
-                ms = costs(files, target, runs=runs)
+                row: dict[str, Any] = {"target": target, "runtime": runtime, "unit": tg.cost_unit(target), "forms": {}}
+                for key, what in (("fp32_reference", "ref"), ("fp32", "own"), ("int8", "int8")):
+                    cand = built[runtime][what]
+                    dst = Path(tmp) / target / runtime / f"{what}{cand['paths'][next(iter(cand['paths']))].suffix}"
+                    best, found = tg.pick_cheapest(cand["paths"], dst, target, cosine=cand.get("cosine"), runs=runs,
+                                                   log=log, what=f"{runtime} {key} forms")
+                    row.update({key: found[best], f"{key}_form": best})
+                    row["forms"][key] = found
+                    files.append(dst)
+                row["int8_held_out_cosine"] = built[runtime]["int8"]["cosine"]
+                rows.append(row)
+            if tg.cost_unit(target) == "ms":
+                ms = tg.costs(files, target, runs=runs)
                 for i, row in enumerate(rows):
                     row["fp32_reference"], row["fp32"], row["int8"] = ms[3 * i:3 * i + 3]
             table += [with_ratios(r) for r in rows] + [best_row(rows)]

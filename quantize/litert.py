@@ -281,54 +281,74 @@ class TfliteEmbedder:
 
 # ----------------------------------------------------------------------------------------------- forms per target
 
-def best_fp32(model, dst: str | Path, x: np.ndarray, target: str, *, forms: Sequence[str] = FP32_CANDIDATES,
-              runs: int = 100, log=print) -> dict[str, Any]:
-    """Write to `dst` the fp32 `.tflite` of `model` in its cheapest exact PReLU form on `target` (quantize.target's
-    costs); `x`: preprocessed check inputs, each form checked against the PyTorch module before conversion.
-    Returns {"form", "unit", "costs", "max_abs_diff"} (as quantize.target.best_fp32)."""
+def fp32_candidates(model, x: np.ndarray, out_dir: str | Path, forms: Sequence[str] = FP32_CANDIDATES, *,
+                    log=print) -> dict[str, Any]:
+    """`model` converted to fp32 `.tflite` in every PReLU form into `out_dir`, each form checked against the PyTorch
+    module on the preprocessed inputs `x` before conversion: {"paths", "max_abs_diff"} (as quantize.target's)."""
     import torch
 
-    from quantize.target import check_exact, cost_unit, pick_cheapest
+    from quantize.target import check_exact
 
     with torch.no_grad():
         ref = model.eval()(torch.from_numpy(x)).numpy()
+    paths, diffs = {}, {}
+    for form in forms:
+        rewritten = rewrite_prelu(model, form)[0]
+        with torch.no_grad():
+            diffs[form] = check_exact(form, rewritten(torch.from_numpy(x)).numpy(), ref)
+        log(f"LiteRT fp32 form {form}: converting")
+        paths[form] = export_tflite(rewritten, Path(out_dir) / f"{form}.tflite", input_size=tuple(model.input_size))
+    return {"paths": paths, "max_abs_diff": diffs}
+
+
+def int8_candidates(model, calib_x: np.ndarray, out_dir: str | Path, forms: Sequence[str] = INT8_CANDIDATES, *,
+                    holdout: float = 0.25, log=print) -> dict[str, Any]:
+    """`model` converted to int8 `.tflite` in every PReLU form into `out_dir`, calibrated on 1 - holdout of the
+    preprocessed `calib_x`: {"paths", "cosine" (held-out fp32 PyTorch vs int8 mean), "held_out_images", "counts"}."""
+    import torch
+
+    from quantize.core import cosine_rows
+    from quantize.target import split_holdout
+
+    fit, hold = split_holdout(calib_x, holdout)
+    with torch.no_grad():
+        ref = model.eval()(torch.from_numpy(hold)).numpy()
+    paths, cos, counts = {}, {}, {}
+    for form in forms:
+        rewritten, counts[form] = rewrite_prelu(model, form)
+        log(f"LiteRT int8 form {form}: quantising")
+        paths[form] = export_tflite(rewritten, Path(out_dir) / f"{form}.tflite", calib=fit,
+                                    input_size=tuple(model.input_size))
+        got = TfliteEmbedder(paths[form], getattr(model, "preprocessing", {}), 0).embed_float(hold)
+        cos[form] = float(cosine_rows(ref, got).mean())
+    return {"paths": paths, "cosine": cos, "held_out_images": int(len(hold)), "counts": counts}
+
+
+def best_fp32(model, dst: str | Path, x: np.ndarray, target: str, *, forms: Sequence[str] = FP32_CANDIDATES,
+              runs: int = 100, log=print) -> dict[str, Any]:
+    """Write to `dst` the fp32 `.tflite` of `model` in its cheapest exact PReLU form on `target` (quantize.target's
+    costs). Returns {"form", "unit", "costs", "max_abs_diff"} (as quantize.target.best_fp32)."""
+    from quantize.target import cost_unit, pick_cheapest
+
     with tempfile.TemporaryDirectory(prefix="facekd-litert-fp32-") as tmp:
-        paths, diffs = {}, {}
-        for form in forms:
-            rewritten = rewrite_prelu(model, form)[0]
-            with torch.no_grad():
-                diffs[form] = check_exact(form, rewritten(torch.from_numpy(x)).numpy(), ref)
-            log(f"LiteRT fp32 form {form}: converting")
-            paths[form] = export_tflite(rewritten, Path(tmp) / f"{form}.tflite", input_size=tuple(model.input_size))
-        best, found = pick_cheapest(paths, dst, target, runs=runs, log=log, what="LiteRT fp32 PReLU forms")
-    return {"form": best, "unit": cost_unit(target), "costs": found, "max_abs_diff": diffs}
+        cand = fp32_candidates(model, x, tmp, forms, log=log)
+        best, found = pick_cheapest(cand["paths"], dst, target, runs=runs, log=log, what="LiteRT fp32 PReLU forms")
+    return {"form": best, "unit": cost_unit(target), "costs": found, "max_abs_diff": cand["max_abs_diff"]}
 
 
 def best_int8(model, dst: str | Path, calib_x: np.ndarray, target: str, *, forms: Sequence[str] = INT8_CANDIDATES,
               holdout: float = 0.25, runs: int = 100, log=print) -> dict[str, Any]:
     """Write to `dst` the int8 `.tflite` of `model` in the cheapest PReLU form on `target` among those whose
-    held-out fp32-vs-int8 cosine is within quantize.target.COSINE_SLACK of the best (calibrated on the rest of the
-    preprocessed `calib_x`). Returns {"form", "unit", "costs", "held_out_cosine", "held_out_images", "prelu"}."""
-    import torch
+    held-out cosine is within quantize.target.COSINE_SLACK of the best.
+    Returns {"form", "unit", "costs", "held_out_cosine", "held_out_images", "prelu"}."""
+    from quantize.target import cost_unit, pick_cheapest
 
-    from quantize.core import cosine_rows
-    from quantize.target import cost_unit, pick_cheapest, split_holdout
-
-    fit, hold = split_holdout(calib_x, holdout)
-    with torch.no_grad():
-        ref = model.eval()(torch.from_numpy(hold)).numpy()
     with tempfile.TemporaryDirectory(prefix="facekd-litert-int8-") as tmp:
-        paths, cos, counts = {}, {}, {}
-        for form in forms:
-            rewritten, counts[form] = rewrite_prelu(model, form)
-            log(f"LiteRT int8 form {form}: quantising")
-            paths[form] = export_tflite(rewritten, Path(tmp) / f"{form}.tflite", calib=fit,
-                                        input_size=tuple(model.input_size))
-            got = TfliteEmbedder(paths[form], getattr(model, "preprocessing", {}), 0).embed_float(hold)
-            cos[form] = float(cosine_rows(ref, got).mean())
-        best, found = pick_cheapest(paths, dst, target, cosine=cos, runs=runs, log=log, what="LiteRT int8 forms")
-    return {"form": best, "unit": cost_unit(target), "costs": found, "held_out_cosine": cos,
-            "held_out_images": int(len(hold)), "prelu": {"form": best, **counts[best]}}
+        cand = int8_candidates(model, calib_x, tmp, forms, holdout=holdout, log=log)
+        best, found = pick_cheapest(cand["paths"], dst, target, cosine=cand["cosine"], runs=runs, log=log,
+                                    what="LiteRT int8 forms")
+    return {"form": best, "unit": cost_unit(target), "costs": found, "held_out_cosine": cand["cosine"],
+            "held_out_images": cand["held_out_images"], "prelu": {"form": best, **cand["counts"][best]}}
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -82,25 +82,30 @@ def write_fp32_form(src: str | Path, dst: str | Path, form: str) -> int:
     return n
 
 
+def fp32_candidates(src: str | Path, x: np.ndarray, out_dir: str | Path, forms: Sequence[str] = FP32_CANDIDATES
+                    ) -> dict[str, Any]:
+    """Every fp32 PReLU form of `src` written into `out_dir`, each checked against the original on the preprocessed
+    inputs `x` (check_exact): {"paths": {form: path}, "max_abs_diff": {form: ...}}."""
+    from quantize.core import raw_embeddings
+
+    ref = raw_embeddings(src, x)
+    paths, diffs = {}, {}
+    for form in forms:
+        paths[form] = Path(out_dir) / f"{form}.onnx"
+        write_fp32_form(src, paths[form], form)
+        diffs[form] = check_exact(form, raw_embeddings(paths[form], x), ref)
+    return {"paths": paths, "max_abs_diff": diffs}
+
+
 def best_fp32(src: str | Path, dst: str | Path, x: np.ndarray, target: str, *,
               forms: Sequence[str] = FP32_CANDIDATES, runs: int = 100, log: Callable[[str], None] = print
               ) -> dict[str, Any]:
     """Write to `dst` the cheapest exact fp32 form of `src` on `target`; `x` are preprocessed check inputs.
-
-    Returns {"form", "unit", "costs": {form: cost}, "max_abs_diff": {form: ...}}. A form that is not equal to the
-    original within EXACT_TOL is an error (a bug, never a trade-off).
-    """
-    from quantize.core import raw_embeddings
-
-    ref = raw_embeddings(src, x)
+    Returns {"form", "unit", "costs": {form: cost}, "max_abs_diff": {form: ...}}."""
     with tempfile.TemporaryDirectory(prefix="facekd-fp32form-") as tmp:
-        paths, diffs = {}, {}
-        for form in forms:
-            paths[form] = Path(tmp) / f"{form}.onnx"
-            write_fp32_form(src, paths[form], form)
-            diffs[form] = check_exact(form, raw_embeddings(paths[form], x), ref)
-        best, found = pick_cheapest(paths, dst, target, runs=runs, log=log, what="fp32 PReLU forms")
-    return {"form": best, "unit": cost_unit(target), "costs": found, "max_abs_diff": diffs}
+        cand = fp32_candidates(src, x, tmp, forms)
+        best, found = pick_cheapest(cand["paths"], dst, target, runs=runs, log=log, what="fp32 PReLU forms")
+    return {"form": best, "unit": cost_unit(target), "costs": found, "max_abs_diff": cand["max_abs_diff"]}
 
 
 def check_exact(form: str, got: np.ndarray, ref: np.ndarray) -> float:
@@ -138,11 +143,11 @@ def pick_cheapest(paths: dict[str, Path], dst: str | Path, target: str, *, cosin
     return best, found
 
 
-def best_int8(src: str | Path, dst: str | Path, calib_images: np.ndarray, target: str, *,
-              candidates: Sequence[str] = tuple(INT8_CANDIDATES), holdout: float = 0.25, runs: int = 100,
-              log: Callable[[str], None] = print, **kwargs: Any) -> dict[str, Any]:
-    """Quantise `src` in every candidate form, keep the cheapest on `target` among those whose held-out cosine to
-    fp32 is within COSINE_SLACK of the best one. Returns quantize_onnx's info plus a `target` entry."""
+def int8_candidates(src: str | Path, calib_images: np.ndarray, out_dir: str | Path, *,
+                    candidates: Sequence[str] = tuple(INT8_CANDIDATES), holdout: float = 0.25,
+                    log: Callable[[str], None] = print, **kwargs: Any) -> dict[str, Any]:
+    """`src` quantised in every candidate form into `out_dir` (calibrated on 1 - holdout of the images):
+    {"paths", "infos" (quantize_onnx's), "cosine" (held-out fp32-vs-int8 mean), "held_out_images"}."""
     from quantize.calib import preprocess
     from quantize.core import cosine_rows, quantize_onnx, raw_embeddings, read_preprocessing
 
@@ -152,16 +157,27 @@ def best_int8(src: str | Path, dst: str | Path, calib_images: np.ndarray, target
     fit, hold = split_holdout(calib_images, holdout)
     x = preprocess(hold, kwargs.get("preprocessing") or read_preprocessing(src))
     ref = raw_embeddings(src, x)
+    paths, infos, cos = {}, {}, {}
+    for name in candidates:
+        paths[name] = Path(out_dir) / f"{name}.onnx"
+        log(f"int8 form {name}: quantising")
+        infos[name] = quantize_onnx(src, paths[name], fit, **INT8_CANDIDATES[name], **kwargs)
+        cos[name] = float(cosine_rows(ref, raw_embeddings(paths[name], x)).mean())
+    return {"paths": paths, "infos": infos, "cosine": cos, "held_out_images": int(len(hold))}
+
+
+def best_int8(src: str | Path, dst: str | Path, calib_images: np.ndarray, target: str, *,
+              candidates: Sequence[str] = tuple(INT8_CANDIDATES), holdout: float = 0.25, runs: int = 100,
+              log: Callable[[str], None] = print, **kwargs: Any) -> dict[str, Any]:
+    """Quantise `src` in every candidate form, keep the cheapest on `target` among those whose held-out cosine to
+    fp32 is within COSINE_SLACK of the best one. Returns quantize_onnx's info plus a `target` entry."""
     with tempfile.TemporaryDirectory(prefix="facekd-int8form-") as tmp:
-        paths, infos, cos = {}, {}, {}
-        for name in candidates:
-            paths[name] = Path(tmp) / f"{name}.onnx"
-            log(f"int8 form {name}: quantising")
-            infos[name] = quantize_onnx(src, paths[name], fit, **INT8_CANDIDATES[name], **kwargs)
-            cos[name] = float(cosine_rows(ref, raw_embeddings(paths[name], x)).mean())
-        best, found = pick_cheapest(paths, dst, target, cosine=cos, runs=runs, log=log, what="int8 forms")
-    return {**infos[best], "target": {"name": target, "form": best, "unit": cost_unit(target), "costs": found,
-                                      "held_out_cosine": cos, "held_out_images": int(len(hold))}}
+        cand = int8_candidates(src, calib_images, tmp, candidates=candidates, holdout=holdout, log=log, **kwargs)
+        best, found = pick_cheapest(cand["paths"], dst, target, cosine=cand["cosine"], runs=runs, log=log,
+                                    what="int8 forms")
+    return {**cand["infos"][best], "target": {"name": target, "form": best, "unit": cost_unit(target),
+                                              "costs": found, "held_out_cosine": cand["cosine"],
+                                              "held_out_images": cand["held_out_images"]}}
 
 
 def fmt_cost(cost: float, target: str) -> str:

@@ -191,31 +191,38 @@ def test_best_row_takes_each_cost_from_the_cheapest_runtime():
 
 
 def test_target_table_retimes_host_winners_side_by_side(tmp_path, monkeypatch):
-    """Rows per runtime and the best row, wired through fake forms; host ms come from one re-timing of all six
-    winners, in the order (ref, own, int8) per runtime."""
+    """Rows per runtime and the best row, wired through fake candidates: each form's cost picks the winner (int8:
+    within the cosine slack), then host ms come from one re-timing of all six winners, (ref, own, int8) per runtime."""
+    from pathlib import Path
+
     import quantize.bench as bench
     import quantize.litert as litert
     import quantize.target as target
 
-    def fake(prefix, kind):
-        def build(src, dst, *args, **kwargs):
-            Path(dst).write_bytes(b"x")
-            info = {"form": f"{prefix}-{kind}", "unit": "ms", "costs": {f"{prefix}-{kind}": 99.0},
-                    "held_out_cosine": {f"{prefix}-{kind}": 1.0}}
-            return {"target": info} if prefix == "ort" and kind == "int8" else info
+    def fake(ext, forms, cosine=None):
+        def build(src, x, out_dir, *args, **kwargs):
+            paths = {f: Path(out_dir) / f"{f}{ext}" for f in forms}
+            for path in paths.values():
+                path.write_bytes(path.name.encode())  # the content names the form, wherever it is copied
+            return {"paths": paths, **({"cosine": cosine} if cosine else {})}
         return build
-    from pathlib import Path
-
-    monkeypatch.setattr(target, "best_fp32", fake("ort", "fp32"))
-    monkeypatch.setattr(target, "best_int8", fake("ort", "int8"))
-    monkeypatch.setattr(litert, "best_fp32", fake("lrt", "fp32"))
-    monkeypatch.setattr(litert, "best_int8", fake("lrt", "int8"))
+    monkeypatch.setattr(target, "fp32_candidates", fake(".onnx", ("prelu", "relu")))
+    monkeypatch.setattr(target, "int8_candidates", fake(".onnx", ("mulmax-u8", "max-u8"),
+                                                        {"mulmax-u8": 0.999, "max-u8": 0.9995}))
+    monkeypatch.setattr(litert, "fp32_candidates", fake(".tflite", ("prelu", "maxmul")))
+    monkeypatch.setattr(litert, "int8_candidates", fake(".tflite", ("twin", "maxmul"),
+                                                        {"twin": 0.999, "maxmul": 0.99}))  # maxmul: too far
+    per_form = {"prelu.onnx": 3, "relu.onnx": 2, "mulmax-u8.onnx": 1, "max-u8.onnx": 4,
+                "prelu.tflite": 3, "maxmul.tflite": 1, "twin.tflite": 5}
     timed = []
 
-    def retime(paths, t, runs=100):
-        timed.append([Path(p).name for p in paths])
-        return [10.0, 8.0, 5.0, 7.0, 6.0, 6.5]
-    monkeypatch.setattr(target, "costs", retime)
+    def fake_costs(paths, t, runs=100):
+        names = [Path(p).read_bytes().decode() for p in paths]
+        if len(paths) == 6:  # the side-by-side re-timing of the winners
+            timed.append(names)
+            return [10.0, 8.0, 5.0, 7.0, 6.0, 6.5]
+        return [float(per_form[n]) for n in names]
+    monkeypatch.setattr(target, "costs", fake_costs)
 
     class M:
         preprocessing = PRE
@@ -223,11 +230,12 @@ def test_target_table_retimes_host_winners_side_by_side(tmp_path, monkeypatch):
     onnx_path = _export(TinyFaceNet(), tmp_path / "m.onnx")
     rows = bench.target_table(onnx_path, onnx_path, (M(), M()), images, ["x86"], ["onnxruntime", "litert"],
                               log=lambda *_: None)
-    assert timed == [["ref.onnx", "own.onnx", "int8.onnx", "ref.tflite", "own.tflite", "int8.tflite"]]
+    assert timed == [["relu.onnx", "relu.onnx", "mulmax-u8.onnx", "maxmul.tflite", "maxmul.tflite", "twin.tflite"]]
     assert [(r["runtime"], r["fp32_reference"], r["fp32"], r["int8"]) for r in rows] == [
         ("onnxruntime", 10.0, 8.0, 5.0), ("litert", 7.0, 6.0, 6.5), ("best", 7.0, 6.0, 5.0)]
+    assert rows[0]["forms"]["int8"] == {"mulmax-u8": 1.0, "max-u8": 4.0}
     assert rows[1]["int8_not_above_fp32"] is False and rows[2]["int8_over_reference_fp32"] == pytest.approx(5 / 7)
-    assert rows[2]["int8_form"] == "onnxruntime ort-int8" and rows[2]["fp32_reference_form"] == "litert lrt-fp32"
+    assert rows[2]["int8_form"] == "onnxruntime mulmax-u8" and rows[2]["fp32_reference_form"] == "litert maxmul"
     text = bench.format_target_table(rows)
     assert "int8 <= same-model fp32 on every target, litert: NO (x86)" in text
     assert "int8 <= same-model fp32 on every target, onnxruntime: yes" in text
