@@ -13,6 +13,9 @@ a slope > 1 keep nn.PReLU (reported). The fidelity report matches `quantize.ptq`
 verification accuracy of both, file sizes, host latency through the LiteRT interpreter (interleaved, 1 thread),
 the XNNPACK partitions of both graphs (`evaluate.arm.runner.delegate_partitions`) and, with the emulation prefix
 (`--arm`, as `results.pipeline`'s), aarch64 instructions per inference of both on cortex-a53/a72/a76.
+
+`--target a53|a72|a76|x86|host|auto` converts every fp32 form (FP32_CANDIDATES) and int8 form (INT8_CANDIDATES) and
+keeps the cheapest on that core, through quantize.target's costs and pick_cheapest (as quantize.ptq --target).
 """
 from __future__ import annotations
 
