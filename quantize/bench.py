@@ -105,7 +105,7 @@ def target_table(model: Path, reference: Path, torch_models: tuple[Any, Any], ca
 
 
 def format_target_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'target':7s} {'runtime':11s} {'ref fp32 (form)':>24s} {'fp32 (form)':>24s} {'int8 (form)':>26s} "
+    head = (f"{'target':7s} {'runtime':11s} {'ref fp32 (form)':>28s} {'fp32 (form)':>28s} {'int8 (form)':>31s} "
             f"{'int8/ref':>8s} {'goal':>5s} {'int8/fp32':>9s}")
     lines = ["cheapest form per target and runtime (ref = unpruned fp32; M = emulated aarch64 instructions per "
              "inference under QEMU, not time; ms = host, all winners of a target timed side by side)", head,
@@ -115,8 +115,8 @@ def format_target_table(rows: list[dict[str, Any]]) -> str:
             v, form = r[key], r[f"{key}_form"]
             return (f"{v:.2f}" if r["unit"] == "ms" else f"{v / 1e6:.1f}M") + f" ({form})"
         goal = "-" if r["goal"] is None else f"{r['goal']:.2f}" + ("" if r["meets_goal"] else "!")
-        lines.append(f"{r['target']:7s} {r['runtime']:11s} {c('fp32_reference'):>24s} {c('fp32'):>24s} "
-                     f"{c('int8'):>26s} {r['int8_over_reference_fp32']:8.3f} {goal:>5s} "
+        lines.append(f"{r['target']:7s} {r['runtime']:11s} {c('fp32_reference'):>28s} {c('fp32'):>28s} "
+                     f"{c('int8'):>31s} {r['int8_over_reference_fp32']:8.3f} {goal:>5s} "
                      f"{r['int8_over_own_fp32']:9.3f}" + ("" if r["int8_not_above_fp32"] else "  int8 > fp32!"))
     lines.append("goal: issue 15's bound on int8/ref (! = not met); " + BEST_DEFINITION)
     for runtime in dict.fromkeys(r["runtime"] for r in rows):

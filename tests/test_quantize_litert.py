@@ -115,13 +115,9 @@ def test_cli_arm_on_without_litert_in_the_prefix_is_refused_before_conversion(tm
     assert not (tmp_path / "out").exists()
 
 
-@needs_litert
-@pytest.mark.slow
-def test_cli_reports_partitions_and_fills_arm_columns_when_the_prefix_can(tmp_path, capsys):
-    """fidelity.json and the two rows: XNNPACK partitions of both graphs; with the aarch64 LiteRT in the emulation
-    prefix (`--arm auto`), instructions per core in the rows equal to what evaluate.latency counts for the file."""
-    from evaluate.latency import ARM_CPUS, arm_instruction_record, arm_toolchain_status
-    from facekd import table
+def _run_cli_on_tiny_checkpoint(tmp_path, *argv: str):
+    """quantize.litert on a TinyFaceNet checkpoint at tmp_path/pruned (16 calibration images, 3 timed runs, run
+    `t`); returns (fidelity.json, results table path)."""
     from facekd.models import register_model, save_checkpoint
 
     name = "litert-test-tinyfacenet"
@@ -130,8 +126,19 @@ def test_cli_reports_partitions_and_fills_arm_columns_when_the_prefix_can(tmp_pa
     results = tmp_path / "summary.csv"
     assert litert_main([str(tmp_path / "pruned" / "model.safetensors"), "--calib", "synthfaces:tiny", "--num-calib",
                         "16", "--eval", "synthfaces:tiny", "--runs", "3", "--run", "t", "--results", str(results),
-                        "--notes", "smoke preset: x"]) == 0
-    report = json.loads((tmp_path / "litert" / "fidelity.json").read_text())
+                        *argv]) == 0
+    return json.loads((tmp_path / "litert" / "fidelity.json").read_text()), results
+
+
+@needs_litert
+@pytest.mark.slow
+def test_cli_reports_partitions_and_fills_arm_columns_when_the_prefix_can(tmp_path, capsys):
+    """fidelity.json and the two rows: XNNPACK partitions of both graphs; with the aarch64 LiteRT in the emulation
+    prefix (`--arm auto`), instructions per core in the rows equal to what evaluate.latency counts for the file."""
+    from evaluate.latency import ARM_CPUS, arm_instruction_record, arm_toolchain_status
+    from facekd import table
+
+    report, results = _run_cli_on_tiny_checkpoint(tmp_path, "--notes", "smoke preset: x")
     assert report["xnnpack"]["int8"] == {"partitions": 1, "ops": 22, "ops_outside": 0, "outside": {}}
     assert report["xnnpack"]["fp32"]["partitions"] == 1 and "DELEGATE" in report["xnnpack"]["method"]
     rows = table.read_table(results).set_index("stage")
@@ -197,16 +204,8 @@ def test_best_forms_pick_the_cheapest_tflite_given_costs(tmp_path, monkeypatch):
 def test_cli_target_x86_writes_target_rows(tmp_path, capsys):
     """--target x86: every form converted and timed here, the winners written; rows carry target and a -x86 run."""
     from facekd import table
-    from facekd.models import register_model, save_checkpoint
 
-    name = "litert-test-tinyfacenet-target"
-    register_model(name, kind="any")(lambda **kw: TinyFaceNet(**kw))
-    save_checkpoint(TinyFaceNet().eval(), tmp_path / "pruned" / "model.safetensors", arch=name, kwargs={})
-    results = tmp_path / "summary.csv"
-    assert litert_main([str(tmp_path / "pruned" / "model.safetensors"), "--calib", "synthfaces:tiny", "--num-calib",
-                        "16", "--eval", "synthfaces:tiny", "--runs", "3", "--run", "t", "--results", str(results),
-                        "--target", "x86", "--arm", "off"]) == 0
-    report = json.loads((tmp_path / "litert" / "fidelity.json").read_text())
+    report, results = _run_cli_on_tiny_checkpoint(tmp_path, "--target", "x86", "--arm", "off")
     chosen = report["target"]
     assert chosen["name"] == "x86" and set(chosen["fp32"]["costs"]) == {"prelu", "maxmul", "relu"}
     assert set(chosen["int8"]["costs"]) == {"twin", "maxmul", "relu"} and chosen["int8"]["unit"] == "ms"
