@@ -13,14 +13,18 @@ a slope > 1 keep nn.PReLU (reported). The fidelity report matches `quantize.ptq`
 verification accuracy of both, file sizes, host latency through the LiteRT interpreter (interleaved, 1 thread),
 the XNNPACK partitions of both graphs (`evaluate.arm.runner.delegate_partitions`) and, with the emulation prefix
 (`--arm`, as `results.pipeline`'s), aarch64 instructions per inference of both on cortex-a53/a72/a76.
+
+`--target a53|a72|a76|x86|host|auto` converts every fp32 form (FP32_CANDIDATES) and int8 form (INT8_CANDIDATES) and
+keeps the cheapest on that core, through quantize.target's costs and pick_cheapest (as quantize.ptq --target).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -34,6 +38,15 @@ def _require_litert():
         from ai_edge_litert.interpreter import Interpreter  # noqa: F401
     except ImportError as err:
         raise FacekdError(f"LiteRT export needs the optional extra: pip install -e \".[litert]\" ({err})") from None
+
+
+def litert_missing() -> str | None:
+    """Why LiteRT cannot run here (the optional extra is not installed), or None."""
+    try:
+        _require_litert()
+    except FacekdError as err:
+        return str(err)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- PReLU in PyTorch
@@ -86,6 +99,26 @@ def prelu_to_twin_conv(model) -> tuple[Any, dict[str, int]]:
     return model, counts
 
 
+def _per_prelu(model, wrap) -> tuple[Any, dict[str, int]]:
+    """A copy of `model` (eval) with every nn.PReLU whose slopes are <= 1 replaced by `wrap(prelu)`."""
+    from torch import nn
+
+    model = copy.deepcopy(model).eval()
+    counts = {"rewritten": 0, "kept": 0}
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.PReLU):
+                ok = bool((child.weight <= 1).all())
+                counts["rewritten" if ok else "kept"] += 1
+                if ok:
+                    setattr(module, name, wrap(child))
+    return model, counts
+
+
+def _slopes(prelu):
+    return prelu.weight.detach().reshape(1, -1, 1, 1).clone()
+
+
 def prelu_to_maxmul(model) -> tuple[Any, dict[str, int]]:
     """A copy of `model` with every nn.PReLU whose slopes are <= 1 computing maximum(x, a*x) (bit-exact): one int8
     MUL and one int8 MAXIMUM in LiteRT, no second conv; XNNPACK does not take int8 MAXIMUM, so the graph splits
@@ -96,21 +129,47 @@ def prelu_to_maxmul(model) -> tuple[Any, dict[str, int]]:
     class MaxMulPReLU(nn.Module):
         def __init__(self, prelu: nn.PReLU) -> None:
             super().__init__()
-            self.register_buffer("a", prelu.weight.detach().reshape(1, -1, 1, 1).clone())
+            self.register_buffer("a", _slopes(prelu))
 
         def forward(self, x):
             return torch.maximum(x, x * self.a)
 
-    model = copy.deepcopy(model).eval()
-    counts = {"rewritten": 0, "kept": 0}
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.PReLU):
-                ok = bool((child.weight <= 1).all())
-                counts["rewritten" if ok else "kept"] += 1
-                if ok:
-                    setattr(module, name, MaxMulPReLU(child))
-    return model, counts
+    return _per_prelu(model, MaxMulPReLU)
+
+
+def prelu_to_addrelu(model) -> tuple[Any, dict[str, int]]:
+    """A copy of `model` with every nn.PReLU whose slopes are <= 1 computing x + relu((a-1)*x) (exact within one
+    rounding: for x < 0 it is x + (a-1)x = a*x, for x >= 0 the relu is 0): a MUL with fused RELU and an ADD, both
+    int8 in XNNPACK, so one partition and no second conv."""
+    import torch
+    from torch import nn
+
+    class AddReluPReLU(nn.Module):
+        def __init__(self, prelu: nn.PReLU) -> None:
+            super().__init__()
+            self.register_buffer("c", _slopes(prelu) - 1)
+
+        def forward(self, x):
+            return x + torch.relu(x * self.c)
+
+    return _per_prelu(model, AddReluPReLU)
+
+
+def rewrite_prelu(model, form: str) -> tuple[Any, dict[str, int]]:
+    """`model` with its PReLUs in `form` (PRELU_FORMS); `prelu` leaves them to litert-torch (RELU/MUL/SUB)."""
+    from torch import nn
+
+    if form not in PRELU_FORMS:
+        raise FacekdError(f"unknown LiteRT PReLU form {form!r}; known: {', '.join(PRELU_FORMS)}")
+    if form == "prelu":
+        return copy.deepcopy(model).eval(), {"rewritten": 0,
+                                             "kept": sum(isinstance(m, nn.PReLU) for m in model.modules())}
+    return PRELU_FORMS[form](model)
+
+
+PRELU_FORMS = {"prelu": None, "twin": prelu_to_twin_conv, "maxmul": prelu_to_maxmul, "relu": prelu_to_addrelu}
+FP32_CANDIDATES = ("prelu", "maxmul", "relu")   # twin doubles the conv work: never cheaper in float
+INT8_CANDIDATES = ("twin", "maxmul", "relu")    # prelu leaves float islands (DEQUANTIZE per PReLU)
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -223,6 +282,78 @@ class TfliteEmbedder:
         return self.embed_float(preprocess(images, self.preprocessing))
 
 
+# ----------------------------------------------------------------------------------------------- forms per target
+
+def fp32_candidates(model, x: np.ndarray, out_dir: str | Path, forms: Sequence[str] = FP32_CANDIDATES, *,
+                    log=print) -> dict[str, Any]:
+    """`model` converted to fp32 `.tflite` in every PReLU form into `out_dir`, each form checked against the PyTorch
+    module on the preprocessed inputs `x` before conversion: {"paths", "max_abs_diff"} (as quantize.target's)."""
+    import torch
+
+    from quantize.target import check_exact
+
+    with torch.no_grad():
+        ref = model.eval()(torch.from_numpy(x)).numpy()
+    paths, diffs = {}, {}
+    for form in forms:
+        rewritten = rewrite_prelu(model, form)[0]
+        with torch.no_grad():
+            diffs[form] = check_exact(form, rewritten(torch.from_numpy(x)).numpy(), ref)
+        log(f"LiteRT fp32 form {form}: converting")
+        paths[form] = export_tflite(rewritten, Path(out_dir) / f"{form}.tflite", input_size=tuple(model.input_size))
+    return {"paths": paths, "max_abs_diff": diffs}
+
+
+def int8_candidates(model, calib_x: np.ndarray, out_dir: str | Path, forms: Sequence[str] = INT8_CANDIDATES, *,
+                    holdout: float = 0.25, log=print) -> dict[str, Any]:
+    """`model` converted to int8 `.tflite` in every PReLU form into `out_dir`, calibrated on 1 - holdout of the
+    preprocessed `calib_x`: {"paths", "cosine" (held-out fp32 PyTorch vs int8 mean), "held_out_images", "counts"}."""
+    import torch
+
+    from quantize.core import cosine_rows
+    from quantize.target import split_holdout
+
+    fit, hold = split_holdout(calib_x, holdout)
+    with torch.no_grad():
+        ref = model.eval()(torch.from_numpy(hold)).numpy()
+    paths, cos, counts = {}, {}, {}
+    for form in forms:
+        rewritten, counts[form] = rewrite_prelu(model, form)
+        log(f"LiteRT int8 form {form}: quantising")
+        paths[form] = export_tflite(rewritten, Path(out_dir) / f"{form}.tflite", calib=fit,
+                                    input_size=tuple(model.input_size))
+        got = TfliteEmbedder(paths[form], getattr(model, "preprocessing", {}), 0).embed_float(hold)
+        cos[form] = float(cosine_rows(ref, got).mean())
+    return {"paths": paths, "cosine": cos, "held_out_images": int(len(hold)), "counts": counts}
+
+
+def best_fp32(model, dst: str | Path, x: np.ndarray, target: str, *, forms: Sequence[str] = FP32_CANDIDATES,
+              runs: int = 100, log=print) -> dict[str, Any]:
+    """Write to `dst` the fp32 `.tflite` of `model` in its cheapest exact PReLU form on `target` (quantize.target's
+    costs). Returns {"form", "unit", "costs", "max_abs_diff"} (as quantize.target.best_fp32)."""
+    from quantize.target import cost_unit, pick_cheapest
+
+    with tempfile.TemporaryDirectory(prefix="facekd-litert-fp32-") as tmp:
+        cand = fp32_candidates(model, x, tmp, forms, log=log)
+        best, found = pick_cheapest(cand["paths"], dst, target, runs=runs, log=log, what="LiteRT fp32 PReLU forms")
+    return {"form": best, "unit": cost_unit(target), "costs": found, "max_abs_diff": cand["max_abs_diff"]}
+
+
+def best_int8(model, dst: str | Path, calib_x: np.ndarray, target: str, *, forms: Sequence[str] = INT8_CANDIDATES,
+              holdout: float = 0.25, runs: int = 100, log=print) -> dict[str, Any]:
+    """Write to `dst` the int8 `.tflite` of `model` in the cheapest PReLU form on `target` among those whose
+    held-out cosine is within quantize.target.COSINE_SLACK of the best.
+    Returns {"form", "unit", "costs", "held_out_cosine", "held_out_images", "prelu"}."""
+    from quantize.target import cost_unit, pick_cheapest
+
+    with tempfile.TemporaryDirectory(prefix="facekd-litert-int8-") as tmp:
+        cand = int8_candidates(model, calib_x, tmp, forms, holdout=holdout, log=log)
+        best, found = pick_cheapest(cand["paths"], dst, target, cosine=cand["cosine"], runs=runs, log=log,
+                                    what="LiteRT int8 forms")
+    return {"form": best, "unit": cost_unit(target), "costs": found, "held_out_cosine": cand["cosine"],
+            "held_out_images": cand["held_out_images"], "prelu": {"form": best, **cand["counts"][best]}}
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 @cli_main
@@ -234,9 +365,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-calib", type=int, default=256)
     p.add_argument("--eval", default="synthfaces", help="verification set for the fidelity report ('none' skips)")
     p.add_argument("--runs", type=int, default=100, help="timed runs per model, interleaved (0 skips)")
-    p.add_argument("--prelu", default="twin", choices=("twin", "maxmul"),
-                   help="int8 PReLU form: twin (default: conv(a*W) + Relu(conv((1-a)*W)), one XNNPACK partition) or "
-                        "maxmul (maximum(x, a*x): no second conv, but int8 MAXIMUM runs outside XNNPACK)")
+    p.add_argument("--prelu", default="twin", choices=INT8_CANDIDATES,
+                   help="int8 PReLU form: twin (default: conv(a*W) + Relu(conv((1-a)*W)), one XNNPACK partition), "
+                        "maxmul (maximum(x, a*x): no second conv, but int8 MAXIMUM runs outside XNNPACK) or relu "
+                        "(x + Relu((a-1)*x): a MUL+RELU and an ADD, one partition)")
+    p.add_argument("--target", default="none",
+                   help="choose both forms for a core by their measured cost there (as quantize.ptq --target): "
+                        "a53 | a72 | a76 (emulated aarch64 instructions; needs evaluate.latency --arm-setup), x86 | "
+                        "host (host ms), auto (this machine), none (default: fp32 as exported, int8 in --prelu). "
+                        f"fp32 forms tried: {', '.join(FP32_CANDIDATES)}; int8: {', '.join(INT8_CANDIDATES)} "
+                        "(overrides --prelu); rows get target=T, run NAME-litert-T")
     p.add_argument("--out", help="output directory (default <model dir>/../litert)")
     p.add_argument("--run", help="run name for the results table (default from runs/NAME/...); rows get '-litert'")
     p.add_argument("--results", default="results/summary.csv", help="results table ('none' skips)")
@@ -253,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
                           "not the ONNX file")
     if args.num_calib < 1:
         raise FacekdError(f"--num-calib must be >= 1, got {args.num_calib}")
+    from quantize.target import resolve_target
+
+    target = None if args.target == "none" else resolve_target(args.target)
     _require_litert()
     from evaluate.arm.prefix import arm_enabled
 
@@ -271,14 +412,22 @@ def main(argv: list[str] | None = None) -> int:
     torch_model = load_checkpoint(model_path, arch=args.arch).eval()
     pre = torch_model.preprocessing
     images = calibration_images(args.calib, args.num_calib, torch_model=torch_model)
-    twin, counts = (prelu_to_twin_conv if args.prelu == "twin" else prelu_to_maxmul)(torch_model)
     x = preprocess(images, pre)
     fp32, int8 = out / "model_fp32.tflite", out / "model_int8.tflite"
     t0 = time.perf_counter()
-    export_tflite(torch_model, fp32, input_size=tuple(torch_model.input_size))
-    export_tflite(twin, int8, calib=x, input_size=tuple(torch_model.input_size))
+    chosen: dict[str, Any] = {}
+    if target:  # every candidate form converted and costed on the target; the cheapest exact/close ones written
+        chosen = {"name": target, "fp32": best_fp32(torch_model, fp32, x[:8], target, runs=max(args.runs, 20)),
+                  "int8": best_int8(torch_model, int8, x, target, runs=max(args.runs, 20))}
+        form, counts = chosen["int8"]["form"], chosen["int8"].pop("prelu")
+    else:
+        form = args.prelu
+        export_tflite(torch_model, fp32, input_size=tuple(torch_model.input_size))
+        rewritten, counts = rewrite_prelu(torch_model, form)
+        export_tflite(rewritten, int8, calib=x, input_size=tuple(torch_model.input_size))
     print(f"converted {model_path.name} -> {fp32.name}, {int8.name} in {time.perf_counter() - t0:.0f} s "
-          f"(PReLU as {args.prelu}: {counts['rewritten']}, kept: {counts['kept']})")
+          f"(int8 PReLU as {form}: {counts['rewritten']}, kept: {counts['kept']}"
+          + (f"; fp32 PReLU as {chosen['fp32']['form']}; chosen for {target}" if target else "") + ")")
     import torch
 
     with torch.no_grad():
@@ -287,9 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     emb = {k: TfliteEmbedder(path, pre, dim) for k, path in (("fp32", fp32), ("int8", int8))}
     parity = float(np.abs(emb["fp32"].embed_float(x[:8]) - ref).max())
     report: dict[str, Any] = {
-        "fp32": str(fp32), "int8": str(int8), "runtime": "litert", "prelu": {"form": args.prelu, **counts}, "fp32_parity_max_abs": parity,
+        "fp32": str(fp32), "int8": str(int8), "runtime": "litert", "prelu": {"form": form, **counts}, "fp32_parity_max_abs": parity,
         "ops": {"fp32": op_histogram(fp32), "int8": op_histogram(int8)},
-        "file_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}, "provenance": provenance()}
+        "file_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}, "provenance": provenance(),
+        **({"target": chosen} if target else {})}
     report["float_islands"] = sum(report["ops"]["int8"].get(k, 0) for k in ("DEQUANTIZE", "QUANTIZE"))
     report["xnnpack"] = {k: delegate_partitions(e._it) for k, e in emb.items()}
     report["xnnpack"]["method"] = XNNPACK_METHOD
@@ -325,12 +475,14 @@ def main(argv: list[str] | None = None) -> int:
 
         lat, host = report.get("latency") or {}, (report.get("latency") or {}).get("host") or {}
         cpu = f"{host.get('cpu', '')} x{host.get('cores', '')} {host.get('arch', '')}".strip() if host else None
-        run = f"{args.run or _run_name(model_path)}-litert"
+        run = f"{args.run or _run_name(model_path)}-litert" + (f"-{target}" if target else "")
         from evaluate.latency import table_values
 
         common = dict(params=count_params(torch_model), macs=count_macs(torch_model), embedding_dim=dim,
-                      host_cpu=cpu, runtime="litert", hardware="cpu (conversion, no training)")
+                      host_cpu=cpu, runtime="litert", hardware="cpu (conversion, no training)", target=target)
         arm = report.get("arm_instructions") or {}
+        if not arm and chosen and chosen["fp32"]["unit"] == "instructions":  # the target's own count, measured
+            arm = {k: {f"cortex-{target}": int(chosen[k]["costs"][chosen[k]["form"]])} for k in ("fp32", "int8")}
 
         def cells(k: str) -> dict[str, Any]:
             x = report["xnnpack"][k]
@@ -365,6 +517,13 @@ def format_report(r: dict[str, Any]) -> str:
         lat = r["latency"]
         lines.append(f"  latency: fp32 {lat['fp32_ms']:.2f} ms  int8 {lat['int8_ms']:.2f} ms "
                      f"(int8/fp32 {lat['int8_over_fp32']:.2f}) [{lat['settings']}; {lat['host'].get('cpu', '')}]")
+    if "target" in r:
+        t = r["target"]
+        from quantize.target import fmt_cost
+
+        lines.append(f"  forms chosen for {t['name']}: " + "; ".join(
+            f"{k} " + ", ".join(f"{f} {fmt_cost(c, t['name'])}" for f, c in t[k]["costs"].items())
+            + f" -> {t[k]['form']}" for k in ("fp32", "int8")))
     if "arm_instructions" in r:
         arm = r["arm_instructions"]
         lines.append("  aarch64 instructions per inference (QEMU, LiteRT, 1 thread; not time): " + "; ".join(

@@ -1,11 +1,13 @@
 """Target-aware graph forms: the fastest exact fp32 PReLU form and the cheapest int8 form for one target core.
 
     python -m quantize.ptq runs/NAME/pruned/model.onnx --target a72       # quantize.ptq uses this module
-    python -m quantize.bench runs/NAME/pruned/model.onnx --reference runs/NAME/student/model.onnx --targets a53,a72,a76,x86
+    python -m quantize.litert runs/NAME/pruned/model.safetensors --target a72   # and quantize.litert (LiteRT forms)
+    python -m quantize.bench runs/NAME/pruned/model.safetensors --reference runs/NAME/student/model.safetensors \
+        --targets a53,a72,a76,x86 --runtimes onnxruntime,litert
 
 The cost of a candidate on a target is measured, never modelled:
-- x86 (or `host`, an aarch64 machine running this): median milliseconds on this machine, onnxruntime CPU, batch 1,
-  1 thread, all candidates timed in the same interleaved rounds;
+- x86 (or `host`, an aarch64 machine running this): median milliseconds on this machine, batch 1, 1 thread
+  (onnxruntime CPU for `.onnx`, the LiteRT interpreter for `.tflite`), all candidates in the same interleaved rounds;
 - a53 / a72 / a76: aarch64 instructions per inference under QEMU `-cpu cortex-A..` (evaluate.latency's ARM path;
   instructions, not time; needs `python -m evaluate.latency --arm-setup` once). The a53 and a72 run the same
   ARMv8.0 code paths in onnxruntime (no dot product), so their counts agree; the a76 has the dot-product kernels.
@@ -13,7 +15,8 @@ The cost of a candidate on a target is measured, never modelled:
 fp32 candidates (all exact; each is checked against the original to 1e-5 before it may win) are the PReLU spellings
 of `quantize.graph.prelu_fp32_form`; int8 candidates are (PReLU form, format, activations) triples for
 `quantize.core.quantize_onnx`. The cheapest int8 candidate whose held-out fp32-vs-int8 cosine is within
-`COSINE_SLACK` of the best candidate's wins.
+`COSINE_SLACK` of the best candidate's wins. The choice itself (`pick_cheapest`, `check_exact`, `split_holdout`) is
+runtime-blind: `quantize.litert` builds its `.tflite` candidates from the PyTorch module and picks through it too.
 """
 from __future__ import annotations
 
@@ -79,34 +82,88 @@ def write_fp32_form(src: str | Path, dst: str | Path, form: str) -> int:
     return n
 
 
+def fp32_candidates(src: str | Path, x: np.ndarray, out_dir: str | Path, forms: Sequence[str] = FP32_CANDIDATES
+                    ) -> dict[str, Any]:
+    """Every fp32 PReLU form of `src` written into `out_dir`, each checked against the original on the preprocessed
+    inputs `x` (check_exact): {"paths": {form: path}, "max_abs_diff": {form: ...}}."""
+    from quantize.core import raw_embeddings
+
+    ref = raw_embeddings(src, x)
+    paths, diffs = {}, {}
+    for form in forms:
+        paths[form] = Path(out_dir) / f"{form}.onnx"
+        write_fp32_form(src, paths[form], form)
+        diffs[form] = check_exact(form, raw_embeddings(paths[form], x), ref)
+    return {"paths": paths, "max_abs_diff": diffs}
+
+
 def best_fp32(src: str | Path, dst: str | Path, x: np.ndarray, target: str, *,
               forms: Sequence[str] = FP32_CANDIDATES, runs: int = 100, log: Callable[[str], None] = print
               ) -> dict[str, Any]:
     """Write to `dst` the cheapest exact fp32 form of `src` on `target`; `x` are preprocessed check inputs.
-
-    Returns {"form", "unit", "costs": {form: cost}, "max_abs_diff": {form: ...}}. A form that is not equal to the
-    original within EXACT_TOL is an error (a bug, never a trade-off).
-    """
-    from quantize.core import raw_embeddings
-
-    ref = raw_embeddings(src, x)
+    Returns {"form", "unit", "costs": {form: cost}, "max_abs_diff": {form: ...}}."""
     with tempfile.TemporaryDirectory(prefix="facekd-fp32form-") as tmp:
-        paths, diffs = {}, {}
-        for form in forms:
-            paths[form] = Path(tmp) / f"{form}.onnx"
-            write_fp32_form(src, paths[form], form)
-            diffs[form] = float(np.abs(raw_embeddings(paths[form], x) - ref).max())
-            if diffs[form] > EXACT_TOL * max(1.0, float(np.abs(ref).max())):
-                raise FacekdError(f"fp32 PReLU form {form!r} differs from the original by {diffs[form]:.2e} "
-                                  f"(> {EXACT_TOL}); refusing it")
-        log(f"fp32 PReLU forms: measuring {', '.join(forms)} on {target} ({cost_unit(target)})")
-        found = dict(zip(forms, costs([paths[f] for f in forms], target, runs=runs)))
-        best = min(found, key=found.get)
-        with atomic_path(dst) as tmp_dst:
-            shutil.copyfile(paths[best], tmp_dst)
-    log("fp32 forms on " + target + ": " + ", ".join(f"{f} {_fmt(c, target)}" for f, c in found.items())
+        cand = fp32_candidates(src, x, tmp, forms)
+        best, found = pick_cheapest(cand["paths"], dst, target, runs=runs, log=log, what="fp32 PReLU forms")
+    return {"form": best, "unit": cost_unit(target), "costs": found, "max_abs_diff": cand["max_abs_diff"]}
+
+
+def check_exact(form: str, got: np.ndarray, ref: np.ndarray) -> float:
+    """max |got - ref|; a form further than EXACT_TOL (relative to the embedding's scale) from the original is an
+    error, never a trade-off."""
+    diff = float(np.abs(got - ref).max())
+    if diff > EXACT_TOL * max(1.0, float(np.abs(ref).max())):
+        raise FacekdError(f"fp32 PReLU form {form!r} differs from the original by {diff:.2e} (> {EXACT_TOL}); "
+                          "refusing it")
+    return diff
+
+
+def split_holdout(images: np.ndarray, holdout: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) calibration images for choosing an int8 form; one image is used for both."""
+    n_hold = max(1, int(round(len(images) * holdout))) if len(images) > 1 else 0
+    order = np.random.default_rng(0).permutation(len(images))
+    return (images[order[n_hold:]], images[order[:n_hold]]) if n_hold else (images, images)
+
+
+def pick_cheapest(paths: dict[str, Path], dst: str | Path, target: str, *, cosine: dict[str, float] | None = None,
+                  runs: int = 100, log: Callable[[str], None] = print, what: str = "forms"
+                  ) -> tuple[str, dict[str, float]]:
+    """Cost every candidate file (any runtime's) on `target`, copy the cheapest to `dst`; with `cosine` only the
+    candidates within COSINE_SLACK of the best held-out cosine may win. Returns (winner, {name: cost})."""
+    names = list(paths)
+    log(f"{what}: measuring {', '.join(names)} on {target} ({cost_unit(target)})")
+    found = dict(zip(names, costs([paths[n] for n in names], target, runs=runs)))
+    ok = names if cosine is None else [n for n in names if cosine[n] >= max(cosine.values()) - COSINE_SLACK]
+    best = min(ok, key=found.get)
+    with atomic_path(dst) as tmp_dst:
+        shutil.copyfile(paths[best], tmp_dst)
+    log(f"{what} on {target}: " + ", ".join(f"{n} {fmt_cost(found[n], target)}"
+                                           + (f" (cos {cosine[n]:.5f})" if cosine else "") for n in names)
         + f" -> {best}")
-    return {"form": best, "unit": cost_unit(target), "costs": found, "max_abs_diff": diffs}
+    return best, found
+
+
+def int8_candidates(src: str | Path, calib_images: np.ndarray, out_dir: str | Path, *,
+                    candidates: Sequence[str] = tuple(INT8_CANDIDATES), holdout: float = 0.25,
+                    log: Callable[[str], None] = print, **kwargs: Any) -> dict[str, Any]:
+    """`src` quantised in every candidate form into `out_dir` (calibrated on 1 - holdout of the images):
+    {"paths", "infos" (quantize_onnx's), "cosine" (held-out fp32-vs-int8 mean), "held_out_images"}."""
+    from quantize.calib import preprocess
+    from quantize.core import cosine_rows, quantize_onnx, raw_embeddings, read_preprocessing
+
+    unknown = [c for c in candidates if c not in INT8_CANDIDATES]
+    if unknown:
+        raise FacekdError(f"unknown int8 form(s) {unknown}; known: {', '.join(INT8_CANDIDATES)}")
+    fit, hold = split_holdout(calib_images, holdout)
+    x = preprocess(hold, kwargs.get("preprocessing") or read_preprocessing(src))
+    ref = raw_embeddings(src, x)
+    paths, infos, cos = {}, {}, {}
+    for name in candidates:
+        paths[name] = Path(out_dir) / f"{name}.onnx"
+        log(f"int8 form {name}: quantising")
+        infos[name] = quantize_onnx(src, paths[name], fit, **INT8_CANDIDATES[name], **kwargs)
+        cos[name] = float(cosine_rows(ref, raw_embeddings(paths[name], x)).mean())
+    return {"paths": paths, "infos": infos, "cosine": cos, "held_out_images": int(len(hold))}
 
 
 def best_int8(src: str | Path, dst: str | Path, calib_images: np.ndarray, target: str, *,
@@ -114,84 +171,17 @@ def best_int8(src: str | Path, dst: str | Path, calib_images: np.ndarray, target
               log: Callable[[str], None] = print, **kwargs: Any) -> dict[str, Any]:
     """Quantise `src` in every candidate form, keep the cheapest on `target` among those whose held-out cosine to
     fp32 is within COSINE_SLACK of the best one. Returns quantize_onnx's info plus a `target` entry."""
-    from quantize.calib import preprocess
-    from quantize.core import cosine_rows, quantize_onnx, raw_embeddings, read_preprocessing
-
-    unknown = [c for c in candidates if c not in INT8_CANDIDATES]
-    if unknown:
-        raise FacekdError(f"unknown int8 form(s) {unknown}; known: {', '.join(INT8_CANDIDATES)}")
-    n_hold = max(1, int(round(len(calib_images) * holdout))) if len(calib_images) > 1 else 0
-    order = np.random.default_rng(0).permutation(len(calib_images))
-    hold = calib_images[order[:n_hold]] if n_hold else calib_images
-    fit = calib_images[order[n_hold:]] if n_hold else calib_images
-    x = preprocess(hold, kwargs.get("preprocessing") or read_preprocessing(src))
-    ref = raw_embeddings(src, x)
     with tempfile.TemporaryDirectory(prefix="facekd-int8form-") as tmp:
-        paths, infos, cos = {}, {}, {}
-        for name in candidates:
-            paths[name] = Path(tmp) / f"{name}.onnx"
-            log(f"int8 form {name}: quantising")
-            infos[name] = quantize_onnx(src, paths[name], fit, **INT8_CANDIDATES[name], **kwargs)
-            cos[name] = float(cosine_rows(ref, raw_embeddings(paths[name], x)).mean())
-        log(f"int8 forms: measuring {', '.join(candidates)} on {target} ({cost_unit(target)})")
-        found = dict(zip(candidates, costs([paths[c] for c in candidates], target, runs=runs)))
-        ok = [c for c in candidates if cos[c] >= max(cos.values()) - COSINE_SLACK]
-        best = min(ok, key=found.get)
-        with atomic_path(dst) as tmp_dst:
-            shutil.copyfile(paths[best], tmp_dst)
-    log("int8 forms on " + target + ": " + ", ".join(f"{c} {_fmt(found[c], target)} (cos {cos[c]:.5f})"
-                                                    for c in candidates) + f" -> {best}")
-    return {**infos[best], "target": {"name": target, "form": best, "unit": cost_unit(target), "costs": found,
-                                      "held_out_cosine": cos, "held_out_images": int(len(hold))}}
+        cand = int8_candidates(src, calib_images, tmp, candidates=candidates, holdout=holdout, log=log, **kwargs)
+        best, found = pick_cheapest(cand["paths"], dst, target, cosine=cand["cosine"], runs=runs, log=log,
+                                    what="int8 forms")
+    return {**cand["infos"][best], "target": {"name": target, "form": best, "unit": cost_unit(target),
+                                              "costs": found, "held_out_cosine": cand["cosine"],
+                                              "held_out_images": cand["held_out_images"]}}
 
 
-def _fmt(cost: float, target: str) -> str:
+def fmt_cost(cost: float, target: str) -> str:
     return f"{cost:.2f} ms" if cost_unit(target) == "ms" else f"{cost / 1e6:.1f}M"
-
-
-def target_table(pruned: str | Path, reference: str | Path, calib_images: np.ndarray, targets: Sequence[str], *,
-                 runs: int = 100, log: Callable[[str], None] = print, **kwargs: Any) -> list[dict[str, Any]]:
-    """The issue's ratios per target, from one run: for each target the best fp32 form of the reference
-    (unpruned) and of `pruned`, the best int8 form of `pruned`, and int8 / fp32 cost ratios."""
-    from quantize.calib import preprocess
-    from quantize.core import read_preprocessing
-
-    x = preprocess(calib_images[:8], read_preprocessing(reference))
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="facekd-targets-") as tmp:
-        for target in targets:
-            target = resolve_target(target)
-            ref = best_fp32(reference, Path(tmp) / "ref.onnx", x, target, runs=runs, log=log)
-            own = best_fp32(pruned, Path(tmp) / "own.onnx", x, target, runs=runs, log=log)
-            q = best_int8(pruned, Path(tmp) / "int8.onnx", calib_images, target, runs=runs, log=log, **kwargs)
-            int8_cost = q["target"]["costs"][q["target"]["form"]]
-            if target in ("x86", "host"):  # ms from separate rounds: re-time the three winners side by side
-                shutil.copyfile(Path(tmp) / "int8.onnx", Path(tmp) / "int8_best.onnx")
-                ref_c, own_c, int8_cost = costs([Path(tmp) / "ref.onnx", Path(tmp) / "own.onnx",
-                                                 Path(tmp) / "int8_best.onnx"], target, runs=runs)
-            else:
-                ref_c, own_c = ref["costs"][ref["form"]], own["costs"][own["form"]]
-            rows.append({"target": target, "unit": cost_unit(target), "fp32_reference_form": ref["form"],
-                         "fp32_reference": ref_c, "fp32_form": own["form"], "fp32": own_c,
-                         "int8_form": q["target"]["form"], "int8": int8_cost,
-                         "int8_over_reference_fp32": int8_cost / ref_c, "int8_over_own_fp32": int8_cost / own_c,
-                         "fp32_forms": ref["costs"], "int8_forms": q["target"]["costs"]})
-    log(format_target_table(rows))
-    return rows
-
-
-def format_target_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'target':7s} {'unit':>6s} {'ref fp32 (form)':>22s} {'fp32 (form)':>22s} {'int8 (form)':>24s} "
-            f"{'int8/ref':>8s} {'int8/fp32':>9s}")
-    lines = ["best form per target (ref = unpruned fp32; instructions under QEMU or host ms side by side)", head,
-             "-" * len(head)]
-    for r in rows:
-        def c(v: float) -> str:
-            return f"{v:.2f}" if r["unit"] == "ms" else f"{v / 1e6:.1f}M"
-        lines.append(f"{r['target']:7s} {r['unit'][:6]:>6s} {c(r['fp32_reference']) + ' (' + r['fp32_reference_form'] + ')':>22s} "
-                     f"{c(r['fp32']) + ' (' + r['fp32_form'] + ')':>22s} {c(r['int8']) + ' (' + r['int8_form'] + ')':>24s} "
-                     f"{r['int8_over_reference_fp32']:8.3f} {r['int8_over_own_fp32']:9.3f}")
-    return "\n".join(lines)
 
 
 @cli_main

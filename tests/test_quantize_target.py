@@ -161,3 +161,111 @@ def test_target_cli_writes_the_fp32_form(tmp_path, tiny, capsys):
     with pytest.raises(SystemExit) as exc:
         target_main([str(tiny), "--out", str(tmp_path / "g.onnx"), "--form", "nope"])
     assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: --form: unknown form 'nope'")
+
+
+# ----------------------------------------------------------------------------------------------- quantize.bench --targets
+
+def _row(target, runtime, ref, fp32, i8):
+    return {"target": target, "runtime": runtime, "unit": "instructions", "fp32_reference": ref,
+            "fp32_reference_form": "r", "fp32": fp32, "fp32_form": "f", "int8": i8, "int8_form": "q"}
+
+
+def test_best_row_takes_each_cost_from_the_cheapest_runtime():
+    from quantize.bench import best_row, with_ratios
+
+    rows = [with_ratios(_row("a72", "onnxruntime", 116.7e6, 87.7e6, 72.6e6)),
+            with_ratios(_row("a72", "litert", 90.0e6, 73.2e6, 80.0e6))]
+    assert rows[0]["int8_over_reference_fp32"] == pytest.approx(72.6 / 116.7)  # 0.6221
+    assert rows[1]["int8_over_own_fp32"] == pytest.approx(80.0 / 73.2) and rows[1]["int8_not_above_fp32"] is False
+    assert rows[0]["goal"] == 0.60 and rows[0]["meets_goal"] is False
+    best = best_row(rows)
+    # cheapest int8 over runtimes (onnxruntime 72.6) over cheapest unpruned fp32 over runtimes (litert 90.0)
+    assert best["int8_over_reference_fp32"] == pytest.approx(72.6 / 90.0)      # 0.8067: stricter than either runtime
+    assert best["int8_over_own_fp32"] == pytest.approx(72.6 / 73.2)
+    assert (best["int8_form"], best["fp32_reference_form"], best["fp32_form"]) == ("onnxruntime q", "litert r",
+                                                                                   "litert f")
+    assert best["int8_not_above_fp32"] is True and best["runtime"] == "best"
+    a76 = best_row([with_ratios(_row("a76", "onnxruntime", 100.0, 80.0, 39.0))])
+    assert a76["goal"] == 0.40 and a76["meets_goal"] is True
+    assert with_ratios(_row("x86", "litert", 4.0, 3.0, 2.0))["goal"] is None
+
+
+def test_target_table_retimes_host_winners_side_by_side(tmp_path, monkeypatch):
+    """Rows per runtime and the best row, wired through fake candidates: each form's cost picks the winner (int8:
+    within the cosine slack), then host ms come from one re-timing of all six winners, (ref, own, int8) per runtime."""
+    from pathlib import Path
+
+    import quantize.bench as bench
+    import quantize.litert as litert
+    import quantize.target as target
+
+    def fake(ext, forms, cosine=None):
+        def build(src, x, out_dir, *args, **kwargs):
+            paths = {f: Path(out_dir) / f"{f}{ext}" for f in forms}
+            for path in paths.values():
+                path.write_bytes(path.name.encode())  # the content names the form, wherever it is copied
+            return {"paths": paths, **({"cosine": cosine} if cosine else {})}
+        return build
+    monkeypatch.setattr(target, "fp32_candidates", fake(".onnx", ("prelu", "relu")))
+    monkeypatch.setattr(target, "int8_candidates", fake(".onnx", ("mulmax-u8", "max-u8"),
+                                                        {"mulmax-u8": 0.999, "max-u8": 0.9995}))
+    monkeypatch.setattr(litert, "fp32_candidates", fake(".tflite", ("prelu", "maxmul")))
+    monkeypatch.setattr(litert, "int8_candidates", fake(".tflite", ("twin", "maxmul"),
+                                                        {"twin": 0.999, "maxmul": 0.99}))  # maxmul: too far
+    per_form = {"prelu.onnx": 3, "relu.onnx": 2, "mulmax-u8.onnx": 1, "max-u8.onnx": 4,
+                "prelu.tflite": 3, "maxmul.tflite": 1, "twin.tflite": 5}
+    timed = []
+
+    def fake_costs(paths, t, runs=100):
+        names = [Path(p).read_bytes().decode() for p in paths]
+        if len(paths) == 6:  # the side-by-side re-timing of the winners
+            timed.append(names)
+            return [10.0, 8.0, 5.0, 7.0, 6.0, 6.5]
+        return [float(per_form[n]) for n in names]
+    monkeypatch.setattr(target, "costs", fake_costs)
+
+    class M:
+        preprocessing = PRE
+    images = load_calibration_images("synthfaces:tiny", 8, seed=0)
+    onnx_path = _export(TinyFaceNet(), tmp_path / "m.onnx")
+    rows = bench.target_table(onnx_path, onnx_path, (M(), M()), images, ["x86"], ["onnxruntime", "litert"],
+                              log=lambda *_: None)
+    assert timed == [["relu.onnx", "relu.onnx", "mulmax-u8.onnx", "maxmul.tflite", "maxmul.tflite", "twin.tflite"]]
+    assert [(r["runtime"], r["fp32_reference"], r["fp32"], r["int8"]) for r in rows] == [
+        ("onnxruntime", 10.0, 8.0, 5.0), ("litert", 7.0, 6.0, 6.5), ("best", 7.0, 6.0, 5.0)]
+    assert rows[0]["forms"]["int8"] == {"mulmax-u8": 1.0, "max-u8": 4.0}
+    assert rows[1]["int8_not_above_fp32"] is False and rows[2]["int8_over_reference_fp32"] == pytest.approx(5 / 7)
+    assert rows[2]["int8_form"] == "onnxruntime mulmax-u8" and rows[2]["fp32_reference_form"] == "litert maxmul"
+    text = bench.format_target_table(rows)
+    assert "int8 <= same-model fp32 on every target, litert: NO (x86)" in text
+    assert "int8 <= same-model fp32 on every target, onnxruntime: yes" in text
+
+
+def test_bench_targets_bad_input(tmp_path, tiny, capsys):
+    from quantize.bench import main as bench_main
+
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"x")  # never read: every refusal comes first
+    for argv, msg in (([str(tiny), "--targets", "a72,a99"], "error: --target: unknown target 'a99'"),
+                      ([str(tiny), "--targets", "a72", "--runtimes", "tflite"],
+                       "error: --runtimes: unknown runtime 'tflite'; choose from: onnxruntime, litert"),
+                      ([str(tiny), "--runtimes", "litert"], "error: --runtimes needs --targets"),
+                      ([str(ckpt), "--targets", "a72", "--reference", str(tmp_path / "none.onnx")],
+                       "error: --reference not found"),
+                      ([str(ckpt), "--targets", "a72", "--reference", str(tiny), "--runtimes", "onnxruntime,litert"],
+                       "error: --runtimes litert: ")):
+        with pytest.raises(SystemExit) as exc:
+            bench_main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # importing litert_torch may log a torch warning first
+        assert exc.value.code == 2 and err.startswith(msg), err
+
+
+def test_bench_default_runtimes_skip_litert_for_onnx_models_in_one_line(tmp_path, tiny):
+    from quantize.bench import resolve_runtimes
+    from quantize.litert import litert_missing
+
+    runtimes, why = resolve_runtimes(None, tiny, None)
+    assert runtimes == ["onnxruntime"]
+    assert why == (litert_missing() or "LiteRT converts from the PyTorch module: pass facekd checkpoints "
+                                       f"(.safetensors), not {tiny}")
+    assert resolve_runtimes("onnxruntime", tiny, None) == (["onnxruntime"], None)
