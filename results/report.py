@@ -327,10 +327,8 @@ def study_markdown(frame) -> str:
             acc = f"{100 * row['accuracy']:.2f}" + (f" ± {100 * row['std']:.2f}" if _text(row["std"]) else "")
             ci = f"{100 * row['ci_low']:.2f} – {100 * row['ci_high']:.2f}" if _text(row["ci_low"]) else ""
             delta = f"{100 * (row['accuracy'] - base):+.2f}" if base is not None and kd != "none" else ""
-            mine = base_runs[base_runs["kd"] == kd].set_index("seed")["accuracy"]
-            ref = base_runs[base_runs["kd"] == "none"].set_index("seed")["accuracy"]
-            matched = sorted(set(mine.index) & set(ref.index))
-            t_p = t_test_p([mine[s] - ref[s] for s in matched]) if kd != "none" and len(matched) >= 2 else None
+            diffs = _seed_paired_diffs(base_runs, kd, "none")
+            t_p = t_test_p(diffs) if kd != "none" and len(diffs) >= 2 else None
             p = row["p_value"]
             if kd == "none":
                 verdict = "reference"
@@ -363,16 +361,20 @@ def _best_two_kd(group, base_runs) -> str:
     if len(kd) < 2:
         return ""
     (first, second) = (_text(kd["kd"].iloc[0]), _text(kd["kd"].iloc[1]))
-    a = base_runs[base_runs["kd"] == first].set_index("seed")["accuracy"]
-    b = base_runs[base_runs["kd"] == second].set_index("seed")["accuracy"]
-    matched = sorted(set(a.index) & set(b.index))
-    if len(matched) < 2:
+    diffs = _seed_paired_diffs(base_runs, first, second)
+    if len(diffs) < 2:
         return ""
-    diffs = [a[s] - b[s] for s in matched]
     t_p = t_test_p(diffs)
     verdict = "significant at p < 0.05" if t_p < 0.05 else "not significant at p < 0.05"
     return (f"best two KD variants: {first} vs {second}, {100 * sum(diffs) / len(diffs):+.2f} points over "
-            f"{len(matched)} matched seeds, seed-paired t p = {t_p:.3g}: {verdict}")
+            f"{len(diffs)} matched seeds, seed-paired t p = {t_p:.3g}: {verdict}")
+
+
+def _seed_paired_diffs(runs, kd_a: str, kd_b: str) -> list[float]:
+    """Accuracy of variant kd_a minus kd_b, seed by seed, over the seeds both were run with."""
+    a = runs[runs["kd"] == kd_a].set_index("seed")["accuracy"]
+    b = runs[runs["kd"] == kd_b].set_index("seed")["accuracy"]
+    return [a[s] - b[s] for s in sorted(set(a.index) & set(b.index))]
 
 
 def _load_curves(folder: Path) -> list[dict[str, Any]]:

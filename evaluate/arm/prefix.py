@@ -92,11 +92,15 @@ def _build_plugin(prefix: Path) -> Path:
     return out
 
 
+def _setup_hint(prefix: Path) -> str:
+    return f"run: python -m evaluate.latency --arm-setup --prefix {prefix}"
+
+
 def arm_toolchain_status(prefix: str | os.PathLike | None = None, runtime: str = "onnxruntime") -> tuple[bool, str]:
     """(True, summary) when instructions of `runtime`'s models (onnxruntime, litert) can be counted, else (False,
     what is missing and how to install it)."""
     prefix = Path(prefix).expanduser() if prefix else default_prefix()
-    setup_hint = f"run: python -m evaluate.latency --arm-setup --prefix {prefix}"
+    setup_hint = _setup_hint(prefix)
     qemu = _qemu()
     if qemu is None:
         return False, f"qemu-aarch64 not found (Debian package qemu-user); {setup_hint}"
@@ -138,7 +142,7 @@ def arm_enabled(choice: str, runtime: str = "onnxruntime", *, prefix: str | os.P
 
 def litert_status(prefix: Path, setup: dict[str, Any]) -> tuple[bool, str]:
     """Whether the prefix's aarch64 Python has LiteRT (`setup.json` of a prefix that is otherwise complete)."""
-    hint = f"run: python -m evaluate.latency --arm-setup --prefix {prefix}"
+    hint = _setup_hint(prefix)
     if setup.get("litert") and (prefix / _SITE / "ai_edge_litert/interpreter.py").is_file():
         return True, f"LiteRT {setup['litert']} in {prefix}"
     if setup.get("litert_error"):
