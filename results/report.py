@@ -438,10 +438,12 @@ def plot_learning_curves(curves_dir: Path, path: Path) -> Path | None:
                             label=f"{'no KD' if variant == 'none' else variant} final on {final_set} (full; "
                                   f"bar: seed range)")
         teacher = study.get("teacher") or {}
-        for name, acc in (teacher.get("val") or {}).items():
-            if acc is not None and name == final_set:
-                ax.axhline(100 * acc, color="tab:purple", ls="--",
-                           label=f"teacher {teacher.get('name', '')} on {name}: {100 * acc:.2f}%")
+        members = teacher.get("members") or {teacher.get("name", ""): teacher.get("val") or {}}
+        for (member, accuracy), style in zip(members.items(), ("--", ":", "-.", (0, (5, 1)))):
+            acc = accuracy.get(final_set)
+            if acc is not None:  # an ensemble draws each member: the ensemble itself has no single accuracy
+                ax.axhline(100 * acc, color="tab:purple", ls=style,
+                           label=f"teacher {member} on {final_set}: {100 * acc:.2f}%")
         ax.set_xlabel("training images seen")
         ax.set_ylabel("verification accuracy (%)")
         ax.set_title(f"learning curves — {study.get('study', '')}")

@@ -417,7 +417,7 @@ def _study(args: argparse.Namespace, passthrough: list[str], variants: list[str]
         for i, (variant, seed) in enumerate(todo[:limit]):
             kd = parse_kd(variant)
             if kd and teacher_info is None:
-                teacher_info = distill_run.resolve_teacher(base_args, dataset, out, preset, device)
+                teacher_info = distill_run.resolve_teachers(base_args, dataset, out, preset, device)
                 print(f"teacher: {args.teacher} from {teacher_info['how']}", flush=True)
             run_dir = out / variant / f"seed{seed}"
             dargs = _distill_args(args, passthrough, seed)
@@ -446,17 +446,22 @@ def _study(args: argparse.Namespace, passthrough: list[str], variants: list[str]
             record["runs"][run_key(variant, seed)] = _run_record(
                 variant, seed, run_dir.relative_to(out), wall, images, run_cfg, metrics, rows, metrics.get("val") or {},
                 eval_every_images=args.eval_every_images)
-            cache = (teacher_info or {}).get("cache")
-            if cache is not None and "teacher" not in record:
-                record["teacher"] = {"name": args.teacher, "how": teacher_info["how"],
-                                     "val": {n: m.get("accuracy") for n, m in
-                                             (cache.manifest.get("teacher_val") or {}).items()}}
-                if results_path is not None:
-                    from teachers.cache import teacher_rows
+            if teacher_info is not None and "teacher" not in record:
+                # one teacher, or each member of an ensemble (A+B), as far as its cache recorded an accuracy
+                members = teacher_info.get("members") or [(args.teacher, teacher_info)]
+                caches = [(n, info["cache"]) for n, info in members if info.get("cache") is not None]
+                if len(caches) == len(members):
+                    accuracy = {n: {s: m.get("accuracy") for s, m in (c.manifest.get("teacher_val") or {}).items()}
+                                for n, c in caches}
+                    record["teacher"] = {"name": args.teacher, "how": teacher_info["how"], "members": accuracy}
+                    if len(caches) == 1:
+                        record["teacher"]["val"] = accuracy[args.teacher]
+                    if results_path is not None:
+                        from teachers.cache import teacher_rows
 
-                    trows = teacher_rows(cache.manifest)
-                    if trows:
-                        table.upsert_rows(trows, results_path, stamp=False)
+                        trows = [row for _, c in caches for row in teacher_rows(c.manifest)]
+                        if trows:
+                            table.upsert_rows(trows, results_path, stamp=False)
             atomic_write_json(record_path, record)
         if limit < len(todo):
             print(f"stopped after {limit} run(s) (--max-runs); {len(todo) - limit} left: rerun the same command "

@@ -1,4 +1,5 @@
-"""`python -m teachers list`: registered teacher models with params, multiply-adds, embedding dim, input size."""
+"""`python -m teachers list`: registered teacher models (params, multiply-adds, embedding dim, input size) and the
+knowledge caches shipped in teachers/zoo (which `--teacher NAME` uses with no weights on the machine)."""
 from __future__ import annotations
 
 from facekd.io import cli_main
@@ -7,7 +8,11 @@ from facekd.models import list_main
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    return list_main("teacher", argv, prog="python -m teachers")
+    from teachers.cache import format_zoo_table, zoo_table
+
+    return list_main("teacher", argv, prog="python -m teachers",
+                     extra=("caches", "Shipped knowledge caches (teachers/zoo; `--teacher NAME` uses them, no weights needed)",
+                            zoo_table, format_zoo_table))
 
 
 if __name__ == "__main__":

@@ -449,6 +449,34 @@ def teacher_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
             for name, m in (manifest.get("teacher_val") or {}).items()]
 
 
+def zoo_table(zoo: Path | None = None) -> list[dict[str, Any]]:
+    """One row per shipped cache in `zoo` (from its manifest; arrays not read): what `--teacher NAME` finds there
+    with no teacher weights on the machine, and the teacher's accuracy that the cache's build measured."""
+    rows = []
+    for manifest_path in sorted((zoo or ZOO_DIR).glob("*/manifest.json")):
+        m = json.loads(manifest_path.read_text())
+        if m.get("kind") != "teacher-cache":
+            continue
+        val = {name: round(float(v["accuracy"]), 4) for name, v in (m.get("teacher_val") or {}).items()}
+        rows.append({"cache": manifest_path.parent.name, "teacher": m["key"]["teacher_arch"],
+                     "data": (m.get("settings") or {}).get("data", m["key"]["dataset"]),
+                     "images": m["key"]["num_images"], "embedding_dim": m.get("embedding_dim"),
+                     "storage": m.get("storage", "fp16"),
+                     "mb": round(sum(f.stat().st_size for f in manifest_path.parent.iterdir()) / 1e6, 1),
+                     "teacher_accuracy": val})
+    return rows
+
+
+def format_zoo_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'cache':<24} {'teacher':<14} {'data':<12} {'images':>8} {'emb':>5} {'storage':>7} {'MB':>6}  teacher accuracy"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        acc = ", ".join(f"{name} {100 * a:.2f} %" for name, a in r["teacher_accuracy"].items()) or "-"
+        lines.append(f"{r['cache']:<24} {r['teacher']:<14} {r['data']:<12} {r['images']:>8,} {r['embedding_dim']:>5} "
+                     f"{r['storage']:>7} {r['mb']:>6.1f}  {acc}")
+    return "\n".join(lines)
+
+
 def default_cache_dir(teacher: str, dataset: Any, key: dict[str, Any]) -> Path:
     from facekd.io import fingerprint
 

@@ -281,3 +281,41 @@ def test_options_the_study_sets_itself_are_not_passed_on(capsys):
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == ("error: --kd: set by results.study itself (use --variants, --seeds, "
                                                "--out, --eval-every-images)")
+
+
+@pytest.mark.slow
+def test_two_teacher_study_records_each_members_accuracy_and_plots_both(tmp_path, monkeypatch):
+    """`--teacher A+B` in a study distils from both caches (as distill.run does) and keeps each member's measured
+    accuracy: in study.json, as teacher rows, and as one line per member in the learning-curve plot."""
+    from facekd.models import create_model, save_checkpoint
+    from teachers import cache as teacher_cache
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    for arch in ("mobilefacenet", "mobilefacenet_s"):
+        save_checkpoint(create_model(arch), tmp_path / f"{arch}.safetensors")
+        assert teacher_cache.main(["--teacher", arch, "--teacher-weights", f"{arch}.safetensors", "--data",
+                                   "synthfaces:tiny", "--val", "synthfaces:tiny", "--workers", "0",
+                                   "--out", f"runs/teacher-cache/{arch}"]) == 0
+    results = tmp_path / "results" / "summary.csv"
+    assert study.main(["--out", "runs/pair", "--eval-every-images", "16", "--teacher", "mobilefacenet+mobilefacenet_s", "--variants", "logit",
+                       "--seeds", "0", "--data", "synthfaces:tiny", "--preset", "smoke", "--steps", "2",
+                       "--workers", "0", "--results", str(results)]) == 0
+    record = json.loads(Path("runs/pair/study.json").read_text())
+    members = record["teacher"]["members"]
+    assert set(members) == {"mobilefacenet", "mobilefacenet_s"} and "val" not in record["teacher"]
+    for arch in members:
+        manifest = json.loads(Path(f"runs/teacher-cache/{arch}/manifest.json").read_text())
+        assert members[arch]["synthfaces:tiny"] == manifest["teacher_val"]["synthfaces:tiny"]["accuracy"]
+    frame = table.read_table(results)
+    teachers = frame[frame["stage"] == "teacher"].set_index("model")["accuracy"]
+    assert teachers.to_dict() == pytest.approx({a: members[a]["synthfaces:tiny"] for a in members})
+    assert (frame["run"] == "pair/logit/seed0").sum() == 1
+
+    from matplotlib.axes import Axes
+
+    lines = []
+    monkeypatch.setattr(Axes, "axhline", lambda self, y, **kw: lines.append((round(y, 6), kw["label"])))
+    report.build_report(results, tmp_path / "results")
+    assert sorted(label.split(" on ")[0] for _, label in lines) == ["teacher mobilefacenet",
+                                                                    "teacher mobilefacenet_s"]

@@ -224,23 +224,53 @@ def test_find_prefers_the_named_cache_over_an_earlier_match(tmp_path):
     assert TeacherCache.find({"dataset": "other"}, [tmp_path / "root"], prefer=b.manifest["fingerprint"]) is None
 
 
-def test_shipped_sface_cache_is_intact_and_serves_the_current_default_synthfaces():
-    """teachers/zoo/sface-synthfaces must open (every sha256 matches) and fit today's default SynthFaces: a generator
-    change without a rebuild would make the default pipeline run SFace over 20,000 images first."""
+@pytest.mark.parametrize("teacher,folder", [("sface", "sface-synthfaces"), ("dlib_resnet", "dlib-synthfaces")])
+def test_shipped_cache_is_intact_and_serves_the_current_default_synthfaces(teacher, folder):
+    """Each cache in teachers/zoo must open (every sha256 matches) and fit today's default SynthFaces: a generator
+    change without a rebuild would make the default pipeline run its teacher over 20,000 images first."""
     from facedata import synthfaces
     from teachers.cache import ZOO_DIR, known_teacher_key
 
-    root = ZOO_DIR / "sface-synthfaces"
-    sha, pre = known_teacher_key("sface")
+    root = ZOO_DIR / folder
+    sha, pre = known_teacher_key(teacher)
     settings = synthfaces.settings_for("default")
-    cache = TeacherCache.open(root, {"teacher_arch": "sface", "teacher_sha256": sha, "preprocessing": pre,
+    cache = TeacherCache.open(root, {"teacher_arch": teacher, "teacher_sha256": sha, "preprocessing": pre,
                                      "dataset": synthfaces.dataset_fingerprint(settings, "train"),
                                      "synthfaces_version": synthfaces.SYNTHFACES_VERSION}, verify=True)
-    assert "files" in cache.manifest and cache.storage == "fp16"  # the first layout: a sha256 per array
     assert cache.num_images == settings.train_ids * settings.images_per_id and cache.num_classes == settings.train_ids
     assert 0.5 < cache.manifest["teacher_val"]["synthfaces"]["accuracy"] < 1.0
     sizes = [p.stat().st_size for p in ZOO_DIR.rglob("*") if p.is_file()]
     assert max(sizes) <= 16 * 2 ** 20 and sum(sizes) <= 30e6  # what the repository may carry
+
+
+def test_teachers_list_shows_each_zoo_cache_with_its_measured_accuracy(built, tmp_path, capsys, monkeypatch):
+    """`python -m teachers list` ends with the shipped caches: what `--teacher NAME` can use without weights."""
+    import shutil
+
+    import teachers.cache
+    from teachers.__main__ import main
+
+    _, out, _ = built
+    zoo = tmp_path / "zoo"
+    shutil.copytree(out, zoo / "toy-set")
+    (zoo / "not-a-cache").mkdir()  # a stray folder is not listed
+    manifest = json.loads((zoo / "toy-set" / "manifest.json").read_text())
+    manifest["teacher_val"] = {"toyval": {"accuracy": 0.8765, "std": 0.01, "pairs": 60}}
+    (zoo / "toy-set" / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(teachers.cache, "ZOO_DIR", zoo)
+
+    assert main(["list"]) == 0
+    text = capsys.readouterr().out
+    models, caches = text.split("Shipped knowledge caches")
+    assert any(line.startswith("r100 ") for line in models.splitlines())
+    (row,) = [line for line in caches.splitlines() if line.startswith("toy-set ")]
+    assert row.split()[:6] == ["toy-set", "toy", "toy-0-13", "13", "6", "fp16"] and row.endswith("toyval 87.65 %"), row
+
+    assert main(["list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [c["cache"] for c in listed["caches"]] == ["toy-set"]
+    assert listed["caches"][0]["teacher"] == "toy" and listed["caches"][0]["teacher_accuracy"] == {"toyval": 0.8765}
+    assert any(m["name"] == "r100" for m in listed["models"])
 
 
 def test_int8_storage_error_bound_and_lookup(tmp_path):

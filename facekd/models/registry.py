@@ -246,8 +246,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def list_main(kind: str, argv: list[str] | None = None, prog: str | None = None) -> int:
-    """`python -m teachers list` / `python -m students list`: the registered models of `kind` as a table."""
+def list_main(kind: str, argv: list[str] | None = None, prog: str | None = None,
+              extra: tuple[str, str, Callable[[], list[dict[str, Any]]], Callable[[list[dict[str, Any]]], str]]
+              | None = None) -> int:
+    """`python -m teachers list` / `python -m students list`: the registered models of `kind` as a table.
+
+    `extra` = (key, title, rows, format): a second table printed after the models under `title` (with `--json`:
+    {"models": ..., key: ...}), e.g. the teachers' shipped knowledge caches."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=prog, description=f"Registered {kind} models.")
@@ -256,10 +261,13 @@ def list_main(kind: str, argv: list[str] | None = None, prog: str | None = None)
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = parser.parse_args(argv)
     rows = model_table(kind)
+    extra_rows = extra[2]() if extra else None
     if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(format_table(rows))
-        print("MACs: multiply-adds of one image at the model's input size (torch FlopCounterMode FLOPs / 2; "
-              "conv/linear only). Also: timm:NAME and onnx:PATH.")
+        print(json.dumps({"models": rows, extra[0]: extra_rows} if extra else rows, indent=2))
+        return 0
+    print(format_table(rows))
+    print("MACs: multiply-adds of one image at the model's input size (torch FlopCounterMode FLOPs / 2; "
+          "conv/linear only). Also: timm:NAME and onnx:PATH.")
+    if extra:
+        print(f"\n{extra[1]}:\n{extra[3](extra_rows)}")
     return 0

@@ -1,4 +1,4 @@
-"""teachers/gpu_teachers.sh, the prepared GPU run of issue 13, rehearsed on the CPU (SMOKE=1): it must train, build a
+"""teachers/train_teachers.sh, the prepared teacher run of issue 13 (GPU or CPU), rehearsed on the CPU (SMOKE=1): it must train, build a
 cache that holds the trained teacher's embeddings, pack it into parts the device tool brings back, and unpack it
 into a zoo that distill.run reads."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "teachers" / "gpu_teachers.sh"
+SCRIPT = ROOT / "teachers" / "train_teachers.sh"
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -41,6 +41,14 @@ def test_smoke_rehearsal_packs_a_cache_that_unpacks_and_matches_the_teacher(tmp_
     parts = sorted(p.name for p in out.iterdir())
     assert parts == ["logs.tar.part00", "r18-synthfaces.tar.part00"]
     assert all(p.stat().st_size <= 15 * 2 ** 20 for p in out.iterdir())
+    forecast = [line for line in r.stderr.splitlines() if line.startswith("[r18] ")]
+    assert len(forecast) == 1 and " steps x 8 = " in forecast[0] and "images/s on cpu" in forecast[0], r.stderr[-2000:]
+
+    # started again (as after a kill), it keeps the measured rate, so the schedule and the checkpoint still match
+    again = subprocess.run(["bash", str(SCRIPT), str(out)], cwd=ROOT, env=_env(tmp_path, SMOKE="1"),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert [line for line in again.stderr.splitlines() if line.startswith("[r18] ")] == forecast
 
     # unpack into a fresh zoo, as on the CPU machine after the device tool fetched the parts
     unpacked = tmp_path / "here"
