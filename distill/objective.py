@@ -50,9 +50,10 @@ def kd_label(kd: tuple[str, ...]) -> str:
 class CachedTeacher:
     """Teacher embeddings from a `teachers.cache.TeacherCache`: a memory-mapped fp16 lookup, no forward pass."""
 
-    def __init__(self, cache: Any) -> None:
+    def __init__(self, cache: Any, shift: Tensor | None = None) -> None:
         self.cache = cache
         self.embedding_dim = cache.embedding_dim
+        self.shift = shift  # subtracted before renormalising (--centre-teacher: the teacher's mean embedding)
 
     def __call__(self, batch: Mapping[str, Any]) -> Tensor:
         if "indices" not in batch or "flipped" not in batch:
@@ -62,7 +63,8 @@ class CachedTeacher:
             flipped = torch.as_tensor(flipped)
         if flipped.dim() == 0:
             flipped = flipped.expand(len(batch["indices"]))
-        return self.cache.lookup(batch["indices"], flipped)
+        emb = self.cache.lookup(batch["indices"], flipped)
+        return emb if self.shift is None else F.normalize(emb - self.shift, dim=1)
 
 
 class TeacherEnsemble:

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--w-{name}", type=float, default=value, help=f"weight of the {name} loss")
     g.add_argument("--temperature", type=float, default=4.0, help="logit KD temperature T")
     g.add_argument("--logit-scale", type=float, default=64.0, help="cosine-logit scale of logit KD")
+    g.add_argument("--centre-teacher", action="store_true",
+                   help="see each cached teacher from its mean training embedding: its embeddings and class centres "
+                        "minus that mean, renormalised (for teachers whose embeddings fill a narrow cone, e.g. "
+                        "dlib_resnet, whose class-centre logits are otherwise nearly uniform)")
     g.add_argument("--feature-metric", default="cosine", choices=("cosine", "mse"),
                    help="feature KD distance: 1 - cosine, or mean squared error of the L2-normalised embeddings")
     g.add_argument("--adadistill-m", type=float, default=0.45, help="AdaDistill margin (official config: 0.45)")
@@ -225,6 +229,16 @@ def teacher_cache(args: argparse.Namespace, dataset: Any, out: Path, weights: Pa
     return cache
 
 
+def _teacher_view(cache: Any, dataset: Any, centre: bool) -> tuple[Any, Any]:
+    """(teacher source, class centres) of a cache, seen from the teacher's mean embedding when `centre`."""
+    from distill.objective import CachedTeacher
+
+    if not centre:
+        return CachedTeacher(cache), cache.centres
+    mean, centres = cache.centred_view(dataset.labels)
+    return CachedTeacher(cache, shift=mean), centres
+
+
 # ----------------------------------------------------------------------------------------------- results
 
 def result_rows(*, student: str, run: str, kd: str, model: Any, metrics: dict[str, Any], artifact: Path,
@@ -250,7 +264,7 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
                   curve_sets: list | tuple = ()) -> dict[str, Any]:
     import torch
 
-    from distill.objective import CachedTeacher, DistillObjective, OnlineTeacher
+    from distill.objective import DistillObjective, OnlineTeacher
     from engine.presets import make_config
     from engine.trainer import Trainer
     from facekd.models import create_model, export_onnx, load_checkpoint
@@ -275,9 +289,10 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
                 raise FacekdError(f"teacher cache {info['cache'].root} holds {info['cache'].num_images} images, "
                                   f"the data {len(dataset)}")
             caches.append(info["cache"])
-        teacher = TeacherEnsemble([CachedTeacher(c) for c in caches])
+        views = [_teacher_view(c, dataset, args.centre_teacher) for c in caches]
+        teacher = TeacherEnsemble([t for t, _ in views])
         teacher_dim = teacher.embedding_dim
-        centres = TeacherEnsemble.join_centres([c.centres for c in caches])
+        centres = TeacherEnsemble.join_centres([c for _, c in views])
     elif kd:
         if cache is None and (not args.online_teacher or "logit" in kd):
             cache = teacher_cache(args, dataset, out, teacher_info["weights"], device)
@@ -290,11 +305,13 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
                      else create_model(args.teacher).eval())  # dlib_resnet: pretrained weights built in
             teacher = OnlineTeacher(model, student_preprocessing=student.preprocessing)
             teacher_dim = teacher.embedding_dim
-        else:
-            teacher, teacher_dim = CachedTeacher(cache), cache.embedding_dim
         if cache is not None and cache.num_images != len(dataset):
             raise FacekdError(f"teacher cache {cache.root} holds {cache.num_images} images, the data {len(dataset)}")
-    if not (kd and members):
+        if args.online_teacher:
+            centres = cache.centres if cache is not None else None
+        else:
+            (teacher, centres), teacher_dim = _teacher_view(cache, dataset, args.centre_teacher), cache.embedding_dim
+    else:
         centres = cache.centres if cache is not None else None
     weights = {name: getattr(args, f"w_{name}") for name in DEFAULT_WEIGHTS}
     objective = DistillObjective(kd, student_dim=student.embedding_dim, num_classes=dataset.num_classes,
@@ -312,7 +329,8 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
                 args.online_teacher, "margin": args.margin, "s": args.s, "m": args.m, "weights": weights,
                 "temperature": args.temperature, "logit_scale": args.logit_scale,
                 "feature_metric": args.feature_metric, "adadistill_m": args.adadistill_m, "head": args.head,
-                "sample_rate": args.sample_rate, "train": metrics["config"], "data": args.data, "val": args.val}
+                "sample_rate": args.sample_rate, "train": metrics["config"], "data": args.data, "val": args.val,
+                **({"centre_teacher": True} if args.centre_teacher else {})}
     inputs = {"dataset": dataset.fingerprint}
     if teacher_info.get("weights"):
         inputs["teacher_sha256"] = sha256_file(teacher_info["weights"])
@@ -334,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     kd_settings = [parse_kd(k) for k in args.ablation.split(",")] if args.ablation else [parse_kd(args.kd)]
     if args.temperature <= 0:
         raise FacekdError(f"--temperature must be > 0, got {args.temperature}")
+    if args.centre_teacher and args.online_teacher:
+        raise FacekdError("--centre-teacher needs the teacher's cache (its mean embedding); drop --online-teacher")
     for name in DEFAULT_WEIGHTS:
         if getattr(args, f"w_{name}") < 0:
             raise FacekdError(f"--w-{name} must be >= 0, got {getattr(args, f'w_{name}')}")

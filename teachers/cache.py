@@ -184,6 +184,28 @@ class TeacherCache:
         return torch.from_numpy(out)
 
 
+    def centred_view(self, labels: np.ndarray, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, centres): the mean of every cached unit embedding (both views) and the normalised class means of
+        the embeddings minus that mean, renormalised first (labels: each image's class). One pass over the cache."""
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (self.num_images,):
+            raise FacekdError(f"teacher cache {self.root} has {self.num_images} images, the labels {labels.size}")
+        total = np.zeros(self.embedding_dim, dtype=np.float64)
+        for a in range(0, self.num_images, chunk):
+            e = self.lookup(np.repeat(np.arange(a, min(a + chunk, self.num_images)), 2),
+                            np.tile([0, 1], min(chunk, self.num_images - a))).numpy()
+            total += e.sum(axis=0)
+        mean = (total / (2 * self.num_images)).astype(np.float32)
+        sums = np.zeros((self.num_classes, self.embedding_dim), dtype=np.float64)
+        for a in range(0, self.num_images, chunk):
+            idx = np.arange(a, min(a + chunk, self.num_images))
+            e = self.lookup(np.repeat(idx, 2), np.tile([0, 1], len(idx))).numpy() - mean
+            e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+            np.add.at(sums, np.repeat(labels[idx], 2), e)
+        centres = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        return torch.from_numpy(mean), torch.from_numpy(centres.astype(np.float32))
+
+
 def content_hash(root: Path, names: list[str]) -> str:
     """sha256 over the named files' bytes, in order: the one content hash of a cache."""
     digest = hashlib.sha256()

@@ -221,7 +221,8 @@ def test_two_teachers_each_get_a_cache_and_one_projection_and_ensemble_errors(tm
     # the final evaluation keeps its embeddings for paired tests (60 pairs -> 120 images)
     assert np.load(student / "val_embeddings" / "synthfaces_tiny.npy").shape == (120, 128)
     for bad, message in ((["--teacher", "mobilefacenet+mobilefacenet"], "distinct teacher names"),
-                         (["--teacher", "mobilefacenet+mobilefacenet_s", "--online-teacher"], "take one teacher")):
+                         (["--teacher", "mobilefacenet+mobilefacenet_s", "--online-teacher"], "take one teacher"),
+                         (["--teacher", "sface", "--online-teacher", "--centre-teacher"], "drop --online-teacher")):
         with pytest.raises(SystemExit) as exc:
             run.main([*bad, "--data", "synthfaces:tiny", "--preset", "smoke", "--out", "runs/bad"])
         assert exc.value.code == 2 and message in capsys.readouterr().err

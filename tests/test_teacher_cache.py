@@ -358,3 +358,27 @@ def test_onnx_teacher_moves_to_cuda_only_on_a_cuda_device_with_the_provider(caps
     if "CUDAExecutionProvider" not in ort.get_available_providers():  # this CPU build: a note, the CPU session stays
         assert onnx_on_cuda(fake, "cuda:0") is False and fake.session == "cpu session"
         assert "no CUDAExecutionProvider" in capsys.readouterr().out
+
+
+def test_centred_view_is_the_mean_and_the_class_means_seen_from_it(built):
+    """--centre-teacher's numbers: the mean of every cached unit embedding (both views), and the normalised class
+    means of the renormalised embeddings minus it, against a direct computation (also across chunk boundaries)."""
+    ds, _, cache = built
+    every = np.stack([cache.lookup(np.arange(len(ds)), np.full(len(ds), f)).numpy() for f in (0, 1)], axis=1)
+    mean = every.reshape(-1, every.shape[-1]).mean(axis=0)
+    shifted = every - mean
+    shifted /= np.linalg.norm(shifted, axis=-1, keepdims=True)
+    want = np.stack([shifted[ds.labels == k].reshape(-1, shifted.shape[-1]).sum(axis=0) for k in range(ds.num_classes)])
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    for chunk in (65536, 3):
+        got_mean, got_centres = cache.centred_view(ds.labels, chunk=chunk)
+        np.testing.assert_allclose(got_mean.numpy(), mean, atol=1e-6)
+        np.testing.assert_allclose(got_centres.numpy(), want, atol=1e-5)
+    with pytest.raises(FacekdError, match="the labels 3"):
+        cache.centred_view(ds.labels[:3])
+
+    from distill.objective import CachedTeacher
+
+    teacher = CachedTeacher(cache, shift=got_mean)
+    out = teacher({"indices": torch.arange(len(ds)), "flipped": torch.ones(len(ds), dtype=torch.bool)}).numpy()
+    np.testing.assert_allclose(out, shifted[:, 1], atol=1e-5)
