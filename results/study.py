@@ -402,6 +402,7 @@ def _study(args: argparse.Namespace, passthrough: list[str], variants: list[str]
     if todo:
         import facedata
         from distill import run as distill_run
+        from engine.trainer import TrainingStopped
 
         device = distill_run._device(args.device)
         dataset = facedata.open_train_set(args.data)
@@ -431,10 +432,14 @@ def _study(args: argparse.Namespace, passthrough: list[str], variants: list[str]
             print(f"[{i + 1}/{limit}] {name}: kd={variant} seed={seed}{' (resuming)' if dargs.resume else ''}{eta}",
                   flush=True)
             t0 = time.perf_counter()
-            result = distill_run.train_student(
-                dargs, kd, dataset=dataset, val_sets=val_sets, out=out, run_dir=run_dir, preset=preset,
-                teacher_info=teacher_info or {"weights": None, "cache": None, "how": "none (--kd none)"},
-                device=device, curve_sets=curve_sets)
+            try:
+                result = distill_run.train_student(
+                    dargs, kd, dataset=dataset, val_sets=val_sets, out=out, run_dir=run_dir, preset=preset,
+                    teacher_info=teacher_info or {"weights": None, "cache": None, "how": "none (--kd none)"},
+                    device=device, curve_sets=curve_sets)
+            except TrainingStopped as stop:  # RUN/STOP or a signal: a requested pause, not a failure
+                print(f"{stop}\nstudy {name} paused; the same command continues it", flush=True)
+                return 0
             wall = round(earlier + time.perf_counter() - t0, 1)
             metrics = result["metrics"]
             run_cfg = metrics["config"]

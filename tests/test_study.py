@@ -319,3 +319,21 @@ def test_two_teacher_study_records_each_members_accuracy_and_plots_both(tmp_path
     report.build_report(results, tmp_path / "results")
     assert sorted(label.split(" on ")[0] for _, label in lines) == ["teacher mobilefacenet",
                                                                     "teacher mobilefacenet_s"]
+
+
+def test_a_requested_stop_pauses_the_study_with_exit_0(tmp_path, monkeypatch, capsys):
+    """touch RUN/STOP (or SIGTERM) in a background study is a pause, not a failure: exit 0, the run not recorded."""
+    from distill import run as distill_run
+    from engine.trainer import TrainingStopped
+
+    def stopped(*args, **kwargs):
+        raise TrainingStopped("stopped at step 3/200 by runs/st/none/seed0/STOP; checkpoint runs/st/none/seed0/"
+                              "checkpoint.pt; run the same command with --resume to continue")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(distill_run, "train_student", stopped)
+    assert study.main(["--out", "runs/st", "--variants", "none", "--data", "synthfaces:tiny", "--preset", "smoke",
+                       "--workers", "0", "--no-results"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped at step 3/200" in out and "study st paused; the same command continues it" in out
+    assert json.loads(Path("runs/st/study.json").read_text())["runs"] == {}
