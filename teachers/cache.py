@@ -471,6 +471,32 @@ def teacher_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
             for name, m in (manifest.get("teacher_val") or {}).items()]
 
 
+def soft_targets(cache: TeacherCache, labels: np.ndarray, *, scale: float = 64.0, temperature: float = 4.0,
+                 centre: bool = False, sample: int = 4096, seed: int = 0) -> dict[str, float]:
+    """What logit KD would take from this cache: the geometry of its class centres and the teacher's softmax over
+    them at `scale` / `temperature` (as `distill.losses`' logit KD), on `sample` images (view 0) drawn at random.
+    `centre`: seen from the teacher's mean embedding (`--centre-teacher`). A softmax close to uniform (entropy near
+    log C, the image's own class a small share) teaches the student to spread its class scores evenly."""
+    labels = np.asarray(labels, dtype=np.int64)
+    shift, centres = cache.centred_view(labels) if centre else (None, cache.centres)
+    c = torch.nn.functional.normalize(torch.as_tensor(centres, dtype=torch.float32), dim=1)
+    idx = np.sort(np.random.default_rng(seed).choice(cache.num_images, min(sample, cache.num_images), replace=False))
+    e = cache.lookup(idx, np.zeros(len(idx), dtype=np.int64))
+    e = torch.nn.functional.normalize(e if shift is None else e - shift, dim=1)
+    cos = e @ c.T
+    own = torch.as_tensor(labels[idx])
+    own_mask = torch.zeros_like(cos, dtype=torch.bool)
+    own_mask[torch.arange(len(idx)), own] = True
+    p = torch.softmax(cos * scale / temperature, dim=1)
+    gram = c @ c.T
+    off = ~torch.eye(len(c), dtype=torch.bool)
+    return {"centre_cosine": float(gram[off].mean()), "own_cosine": float(cos[own_mask].mean()),
+            "other_cosine": float(cos[~own_mask].mean()), "other_cosine_std": float(cos[~own_mask].std()),
+            "entropy_nats": float(-(p * torch.log(p.clamp_min(1e-30))).sum(1).mean()),
+            "uniform_nats": float(np.log(len(c))), "own_probability": float(p[own_mask].mean()),
+            "top1": float((cos.argmax(1) == own).float().mean()), "images": int(len(idx))}
+
+
 def zoo_table(zoo: Path | None = None) -> list[dict[str, Any]]:
     """One row per shipped cache in `zoo` (from its manifest; arrays not read): what `--teacher NAME` finds there
     with no teacher weights on the machine, and the teacher's accuracy that the cache's build measured."""
@@ -525,6 +551,26 @@ def init_distributed(device: str) -> bool:
     return True
 
 
+def _inspect(directory: str, data: str) -> int:
+    from facedata import open_train_set
+
+    cache = TeacherCache.open(directory)
+    dataset = open_train_set(data)
+    if cache.key.get("dataset") != dataset.fingerprint:
+        raise FacekdError(f"teacher cache {directory} was not built from {data} (dataset {cache.key.get('dataset')} "
+                          f"vs {dataset.fingerprint})")
+    print(f"{directory}: teacher {cache.key.get('teacher_arch')}, {cache.num_images:,} images, {cache.num_classes:,} "
+          f"classes, {cache.embedding_dim}-d; logit KD's softmax at scale 64, temperature 4 (distill.run defaults)")
+    print(f"{'view':<10} {'centre cos':>10} {'own cos':>8} {'other cos':>15} {'top-1':>6} {'own prob':>9} "
+          f"{'entropy (uniform)':>18}")
+    for centre in (False, True):
+        r = soft_targets(cache, dataset.labels, centre=centre)
+        print(f"{'centred' if centre else 'as is':<10} {r['centre_cosine']:>10.3f} {r['own_cosine']:>8.3f} "
+              f"{r['other_cosine']:>8.3f} ± {r['other_cosine_std']:.3f} {r['top1']:>6.3f} {r['own_probability']:>9.3f} "
+              f"{r['entropy_nats']:>9.2f} ({r['uniform_nats']:.2f})")
+    return 0
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     from engine.presets import PRESET_CHOICES
@@ -547,13 +593,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure the teacher's verification accuracy on these sets (recorded in the manifest)")
     ap.add_argument("--results", metavar="CSV", help="with --val: write the teacher's rows into this results table")
     ap.add_argument("--verify", metavar="DIR", help="re-hash the cache in DIR against its manifest, then exit")
+    ap.add_argument("--inspect", metavar="DIR", help="print what logit KD would take from the cache in DIR (class-"
+                    "centre geometry, soft-target entropy; as it is and --centre-teacher'ed) for --data, then exit")
     args = ap.parse_args(argv)
     if args.verify:
         cache = TeacherCache.open(args.verify, verify=True)
         print(f"teacher cache {args.verify} is intact ({cache.num_images} images, {cache.storage})")
         return 0
+    if args.inspect:
+        return _inspect(args.inspect, args.data or "synthfaces")
     if not args.teacher:
-        raise FacekdError("--teacher is required (or --verify DIR)")
+        raise FacekdError("--teacher is required (or --verify DIR, --inspect DIR)")
     if args.batch_size < 1:
         raise FacekdError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:

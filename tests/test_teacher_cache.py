@@ -382,3 +382,33 @@ def test_centred_view_is_the_mean_and_the_class_means_seen_from_it(built):
     teacher = CachedTeacher(cache, shift=got_mean)
     out = teacher({"indices": torch.arange(len(ds)), "flipped": torch.ones(len(ds), dtype=torch.bool)}).numpy()
     np.testing.assert_allclose(out, shifted[:, 1], atol=1e-5)
+
+
+def test_soft_targets_against_a_direct_computation_and_the_inspect_cli(built, capsys, monkeypatch):
+    """teachers.cache --inspect: the centre geometry and logit KD's softmax (scale 64, T 4) over the class centres."""
+    from teachers.cache import soft_targets
+
+    ds, out, cache = built
+    e = cache.lookup(np.arange(len(ds)), np.zeros(len(ds), dtype=np.int64)).numpy().astype(np.float64)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    c = cache.centres.numpy().astype(np.float64)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    cos = e @ c.T
+    z = cos * 64 / 4
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    got = soft_targets(cache, ds.labels)
+    assert got["images"] == len(ds)
+    assert got["own_probability"] == pytest.approx(p[np.arange(len(ds)), ds.labels].mean(), rel=1e-4)
+    assert got["entropy_nats"] == pytest.approx(-(p * np.log(p)).sum(1).mean(), rel=1e-4)
+    assert got["centre_cosine"] == pytest.approx((c @ c.T)[~np.eye(len(c), dtype=bool)].mean(), abs=1e-5)
+    assert got["top1"] == pytest.approx((cos.argmax(1) == ds.labels).mean())
+    centred = soft_targets(cache, ds.labels, centre=True)
+    assert abs(centred["other_cosine"]) < abs(got["other_cosine"])  # seen from the mean, other classes spread out
+
+    import teachers.cache
+    monkeypatch.setattr("facedata.open_train_set", lambda spec: ds)
+    assert teachers.cache.main(["--inspect", str(out), "--data", "toy"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[:2] == ["as", "is"] and lines[3].split()[0] == "centred"
+    assert f"{got['own_probability']:.3f}" in lines[2]
