@@ -550,6 +550,8 @@ def adopt_runs(args: argparse.Namespace, base_args: argparse.Namespace, record: 
         model = load_checkpoint(d / "model.safetensors")
         rows = distill_rows(args.student, f"{out.name}/{key}", variant, model, {"val": val,
                             "hardware": metrics.get("hardware")}, d / "model.onnx", command, seed, images, wall)
+        for row in rows:  # the same model may serve several studies: one row each, all naming its artifact
+            row["notes"] = f"adopted: trained as {d}"
         if not args.no_results and rows:
             table.upsert_rows(rows, results)
         record["runs"][key] = _run_record(variant, seed, run_dir.relative_to(out), wall, images, train, metrics,

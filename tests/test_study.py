@@ -196,6 +196,8 @@ def test_adopt_records_a_matching_distill_run_and_refuses_others(tmp_path, monke
     assert study.main(argv) == 0  # nothing left to train; the aggregate row is written
     frame = table.read_table(results).set_index("run")
     assert frame.loc["st/none/seed1", "seed"] == 1 and frame.loc["st/none/seed1", "images_seen"] == 32
+    assert frame.loc["st/none/seed1", "notes"] == "adopted: trained as runs/solo/student"
+    assert frame.loc["st/none/seed1", "artifact"] == "runs/solo/student/model.onnx"
     assert frame.loc["st/none", "n_seeds"] == 1
 
 
