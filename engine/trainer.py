@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from facekd.io import (FacekdError, atomic_torch_save, atomic_write_json, atomic_write_text, fingerprint, provenance,
-                       run_lock)
+from facekd.io import (FacekdError, atomic_torch_save, atomic_write_json, atomic_write_text, cpu_model_name,
+                       fingerprint, provenance, run_lock)
 from facekd.models import load_state_dict_strict
 
 CHECKPOINT_FORMAT = "facekd-train-checkpoint/1"
@@ -188,7 +188,8 @@ def hardware_label(device: torch.device, world: int = 1) -> str:
     if device.type == "cuda":
         return f"cuda {torch.cuda.get_device_name(device)} x{world}"
     processes = f"{world} process{'es' if world > 1 else ''}"
-    return f"cpu x{os.cpu_count()} ({torch.get_num_threads()} threads/process, {processes})"
+    model = cpu_model_name()
+    return f"cpu{' ' + model if model else ''} x{os.cpu_count()} ({torch.get_num_threads()} threads/process, {processes})"
 
 
 class Trainer:

@@ -173,6 +173,19 @@ def command_line() -> str:
     return " ".join([program, *sys.argv[1:]])
 
 
+def cpu_model_name() -> str:
+    """This machine's CPU model as /proc/cpuinfo names it ('' where it does not): figures name their CPU, since the
+    project's machines differ (an Intel Xeon with AMX, an AMD EPYC with AVX2 only) and speeds compare only within one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
 def provenance(**extra: Any) -> dict[str, Any]:
     """What made an artifact: command line, facekd version, git commit, UTC time, plus `extra`."""
     return {

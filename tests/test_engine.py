@@ -313,3 +313,14 @@ def test_learning_curve_rows_follow_the_log_and_survive_a_resume_truncation(tmp_
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     csv = (tmp_path / "learning_curve.csv").read_text().splitlines()
     assert csv[0].startswith("images_seen,step,set,accuracy") and csv[2].startswith("1280,20,synthfaces:small,0.7")
+
+
+def test_hardware_label_names_the_cpu_model(monkeypatch):
+    """Training rows name their CPU: speeds differ between the project's machines and compare only within one."""
+    import engine.trainer as trainer
+
+    monkeypatch.setattr(trainer, "cpu_model_name", lambda: "AMD EPYC")
+    assert trainer.hardware_label(torch.device("cpu"), world=2).startswith("cpu AMD EPYC x")
+    assert trainer.hardware_label(torch.device("cpu")).endswith(f"({torch.get_num_threads()} threads/process, 1 process)")
+    monkeypatch.setattr(trainer, "cpu_model_name", lambda: "")
+    assert trainer.hardware_label(torch.device("cpu")).startswith("cpu x")
