@@ -78,8 +78,13 @@ def test_best_forms_pick_the_cheapest_measured(tmp_path, tiny, faces, monkeypatc
     assert info["form"] == "relu" and info["unit"] == "instructions" and max(info["max_abs_diff"].values()) < 1e-5
     assert "Relu" in [n.op_type for n in onnx.load(str(tmp_path / "fp32.onnx")).graph.node]
     q = target.best_int8(tiny, tmp_path / "int8.onnx", faces[:24], "a76", log=lambda *_: None)
-    assert q["target"]["form"] == "max-u8" and q["prelu_form"] == "max" and q["target"]["held_out_images"] == 6
-    assert set(q["target"]["held_out_cosine"]) == set(target.INT8_CANDIDATES)
+    cosine = q["target"]["held_out_cosine"]
+    assert set(cosine) == set(target.INT8_CANDIDATES) and q["target"]["held_out_images"] == 6
+    # the cheapest form among those within COSINE_SLACK of the best held-out cosine: max-u8 where the u8 forms keep
+    # their fidelity (AVX512-VNNI); on AVX2-only CPUs onnxruntime's u8 kernels may lose it, and an s8 form must win
+    allowed = [f for f in cosine if cosine[f] >= max(cosine.values()) - target.COSINE_SLACK]
+    assert q["target"]["form"] == min(allowed, key=fake.get)
+    assert q["prelu_form"] == q["target"]["form"].split("-")[0]
     with pytest.raises(FacekdError, match="unknown target 'a99'"):
         target.resolve_target("a99")
 
