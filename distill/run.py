@@ -310,7 +310,8 @@ def train_student(args: argparse.Namespace, kd: tuple[str, ...], *, dataset: Any
         if args.online_teacher:
             centres = cache.centres if cache is not None else None
         else:
-            (teacher, centres), teacher_dim = _teacher_view(cache, dataset, args.centre_teacher), cache.embedding_dim
+            teacher, centres = _teacher_view(cache, dataset, args.centre_teacher)
+            teacher_dim = cache.embedding_dim
     else:
         centres = cache.centres if cache is not None else None
     weights = {name: getattr(args, f"w_{name}") for name in DEFAULT_WEIGHTS}

@@ -38,30 +38,17 @@ from evaluate.arm.emulate import arm_instruction_record, arm_instructions, check
 from evaluate.arm.prefix import ARM_CPUS, arm_setup, arm_toolchain_status, default_prefix  # noqa: F401
 from evaluate.arm.runner import InputError, open_model
 from evaluate.remote import ARM_PARTS
-from facekd.io import FacekdError, cli_main, sha256_file
+from facekd.io import FacekdError, cli_main, cpuinfo_fields, sha256_file
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # host latency
 
-def _cpuinfo_fields() -> dict[str, str]:
-    fields: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return fields
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(key.strip(), value.strip())
-    return fields
-
-
 def system_info() -> dict[str, Any]:
     """Architecture, CPU model, core count and onnxruntime version of this machine."""
     import onnxruntime
 
-    fields = _cpuinfo_fields()
+    fields = cpuinfo_fields()
     cpu = fields.get("model name") or fields.get("Model") or fields.get("Hardware")
     if not cpu and "CPU part" in fields:
         part = fields["CPU part"].lower()

@@ -173,17 +173,24 @@ def command_line() -> str:
     return " ".join([program, *sys.argv[1:]])
 
 
+def cpuinfo_fields() -> dict[str, str]:
+    """/proc/cpuinfo as {field: value} (the first processor's value of each field; {} where it is not readable)."""
+    fields: dict[str, str] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return fields
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_model_name() -> str:
     """This machine's CPU model as /proc/cpuinfo names it ('' where it does not): figures name their CPU, since the
     project's machines differ (an Intel Xeon with AMX, an AMD EPYC with AVX2 only) and speeds compare only within one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, sep, value = line.partition(":")
-            if sep and key.strip() == "model name":
-                return value.strip()
-    except OSError:
-        pass
-    return ""
+    return cpuinfo_fields().get("model name", "")
 
 
 def provenance(**extra: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluate.metrics import decode_pair_correct, mcnemar_exact, paired_discordance
-from facekd.io import FacekdError, cli_main
+from facekd.io import FacekdError, cli_main, read_json
 
 
 def load_run(spec: str) -> tuple[str, dict[str, Any]]:
@@ -25,10 +25,7 @@ def load_run(spec: str) -> tuple[str, dict[str, Any]]:
     metrics_path = folder / "metrics.json" if folder.is_dir() else folder
     if not metrics_path.is_file():
         raise FacekdError(f"{spec}: no metrics.json there (a finished distill.run or results.study run directory)")
-    try:
-        val = json.loads(metrics_path.read_text()).get("val") or {}
-    except json.JSONDecodeError as err:
-        raise FacekdError(f"{metrics_path}: not valid JSON ({err.msg})") from None
+    val = read_json(metrics_path, "run metrics").get("val") or {}
     if not label:
         parts = folder.parts
         label = "/".join(parts[parts.index("runs") + 1:]) if "runs" in parts else str(folder)

@@ -37,7 +37,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -183,27 +183,16 @@ class TeacherCache:
             out *= np.asarray(self.scales[idx, flip], dtype=np.float32)[:, None]
         return torch.from_numpy(out)
 
-
-    def centred_view(self, labels: np.ndarray, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    def centred_view(self, labels: np.ndarray, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, centres): the mean of every cached unit embedding (both views) and the normalised class means of
-        the embeddings minus that mean, renormalised first (labels: each image's class). One pass over the cache."""
+        the embeddings minus that mean, renormalised first (labels: each image's class). Two passes over the cache."""
         labels = np.asarray(labels, dtype=np.int64)
         if labels.shape != (self.num_images,):
             raise FacekdError(f"teacher cache {self.root} has {self.num_images} images, the labels {labels.size}")
-        total = np.zeros(self.embedding_dim, dtype=np.float64)
-        for a in range(0, self.num_images, chunk):
-            e = self.lookup(np.repeat(np.arange(a, min(a + chunk, self.num_images)), 2),
-                            np.tile([0, 1], min(chunk, self.num_images - a))).numpy()
-            total += e.sum(axis=0)
-        mean = (total / (2 * self.num_images)).astype(np.float32)
-        sums = np.zeros((self.num_classes, self.embedding_dim), dtype=np.float64)
-        for a in range(0, self.num_images, chunk):
-            idx = np.arange(a, min(a + chunk, self.num_images))
-            e = self.lookup(np.repeat(idx, 2), np.tile([0, 1], len(idx))).numpy() - mean
-            e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-            np.add.at(sums, np.repeat(labels[idx], 2), e)
-        centres = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
-        return torch.from_numpy(mean), torch.from_numpy(centres.astype(np.float32))
+        total = sum(e.sum(axis=(0, 1)) for _, e in _views_f64(self.embeddings, self.scales, chunk))
+        mean = total / (2 * self.num_images)
+        centres = class_centres(self.embeddings, self.scales, labels, self.num_classes, chunk=chunk, shift=mean)
+        return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(centres.astype(np.float32))
 
 
 def content_hash(root: Path, names: list[str]) -> str:
@@ -282,22 +271,32 @@ def _views(embed: Embed, images: torch.Tensor) -> np.ndarray:
     return np.stack(views, axis=1)
 
 
-def class_centres(emb: np.ndarray, scales: np.ndarray | None, labels: np.ndarray, num_classes: int,
-                  chunk: int = 16384) -> np.ndarray:
-    """fp16 normalised per-class means of the stored embeddings (both views), summed in index order in float64:
-    the same bits however many ranks built the cache, O(N) (a sort per chunk, no class loop)."""
-    sums = np.zeros((num_classes, emb.shape[2]), dtype=np.float64)
-    for a in range(0, len(labels), chunk):
+def _views_f64(emb: np.ndarray, scales: np.ndarray | None, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, float64 chunk of the stored embeddings, N x 2 x D, int8 storage rescaled) in index order."""
+    for a in range(0, len(emb), chunk):
         e = np.asarray(emb[a:a + chunk], dtype=np.float64)
         if scales is not None:
             e = e * np.asarray(scales[a:a + chunk], dtype=np.float64)[:, :, None]
+        yield a, e
+
+
+def class_centres(emb: np.ndarray, scales: np.ndarray | None, labels: np.ndarray, num_classes: int,
+                  chunk: int = 16384, shift: np.ndarray | None = None) -> np.ndarray:
+    """Normalised per-class means (float64) of the stored embeddings (both views), summed in index order: the same
+    bits however many ranks built the cache, O(N) (a sort per chunk, no class loop). `shift`: each embedding minus
+    it, renormalised, first (the teacher seen from its mean, `--centre-teacher`)."""
+    sums = np.zeros((num_classes, emb.shape[2]), dtype=np.float64)
+    for a, e in _views_f64(emb, scales, chunk):
+        if shift is not None:
+            e = e - shift
+            e /= np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
         v, lab = e.sum(axis=1), labels[a:a + chunk]
         order = np.argsort(lab, kind="stable")
         sorted_lab = lab[order]
         starts = np.flatnonzero(np.r_[True, sorted_lab[1:] != sorted_lab[:-1]])
         sums[sorted_lab[starts]] += np.add.reduceat(v[order], starts, axis=0)
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    return np.where(norms > 0, sums / np.maximum(norms, 1e-12), 0.0).astype(np.float16)
+    return np.where(norms > 0, sums / np.maximum(norms, 1e-12), 0.0)
 
 
 def build_cache(embed: Embed, dataset: Any, out: str | os.PathLike, *, key: dict[str, Any], batch_size: int = 128,
@@ -365,7 +364,7 @@ def build_cache(embed: Embed, dataset: Any, out: str | os.PathLike, *, key: dict
             scales.flush()
         _barrier()
         if rank == 0:
-            np.save(tmp / "centres.npy", class_centres(emb, scales, labels, num_classes))
+            np.save(tmp / "centres.npy", class_centres(emb, scales, labels, num_classes).astype(np.float16))
             del emb, scales
             write_manifest(tmp, KIND, {**(settings or {}), "storage": storage},
                            inputs={"dataset": key.get("dataset"), "teacher_sha256": key.get("teacher_sha256")},
@@ -502,8 +501,8 @@ def zoo_table(zoo: Path | None = None) -> list[dict[str, Any]]:
     with no teacher weights on the machine, and the teacher's accuracy that the cache's build measured."""
     rows = []
     for manifest_path in sorted((zoo or ZOO_DIR).glob("*/manifest.json")):
-        m = json.loads(manifest_path.read_text())
-        if m.get("kind") != "teacher-cache":
+        m = read_manifest(manifest_path.parent)
+        if m.get("kind") != KIND:
             continue
         val = {name: round(float(v["accuracy"]), 4) for name, v in (m.get("teacher_val") or {}).items()}
         rows.append({"cache": manifest_path.parent.name, "teacher": m["key"]["teacher_arch"],
